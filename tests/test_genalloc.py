@@ -1,0 +1,418 @@
+"""genalloc: the kernel-doc behaviours of lib/genalloc.c, exact values, bad frees, threads."""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import mmap
+import threading
+import warnings
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests import kernel_genalloc as ref
+from uvdma.errors import (
+    FreeCrossesChunkError,
+    FreeNotAllocatedError,
+    FreeNotInPoolError,
+    GenPoolError,
+    PoolBusyError,
+)
+from uvdma.genalloc import (
+    Bitmap,
+    GenPool,
+    GenPoolChunk,
+    GenPoolDataAlign,
+    GenPoolDataFixed,
+    best_fit,
+    first_fit,
+    first_fit_align,
+    first_fit_order_align,
+    fixed_alloc,
+)
+
+BASE = 0x1000_0000
+PHYS = 0x8000_0000
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def snapshot(pool: GenPool) -> list[tuple[int, int, bytes, int]]:
+    """Everything observable about a pool's state, for 'nothing changed' checks."""
+    out: list[tuple[int, int, bytes, int]] = []
+    pool.for_each_chunk(lambda _p, c: out.append((c.start_addr, c.avail, bytes(c.map.bits), 0)))
+    return out
+
+
+def make_pool(order: int = 12, size: int = 1 * MiB) -> GenPool:
+    pool = GenPool(order)
+    pool.add_virt(BASE, PHYS, size)
+    return pool
+
+
+# -- the basics the kernel-doc promises --------------------------------------------
+
+
+def test_alloc_rounds_up_to_granules_and_accounts_avail() -> None:
+    pool = make_pool()
+    assert pool.size() == 1 * MiB
+    assert pool.avail() == 1 * MiB
+    a = pool.alloc(5000)  # two 4 KiB granules
+    assert a == BASE
+    assert pool.avail() == 1 * MiB - 8 * KiB
+    b = pool.alloc(1)
+    assert b == BASE + 8 * KiB
+    pool.free(a, 5000)
+    assert pool.avail() == 1 * MiB - 4 * KiB
+    # First fit reuses the freed hole.
+    assert pool.alloc(8 * KiB) == BASE
+
+
+def test_alloc_returns_zero_for_size_zero_and_on_failure() -> None:
+    pool = make_pool(size=64 * KiB)
+    assert pool.alloc(0) == 0
+    assert pool.alloc(64 * KiB + 1) == 0
+    assert pool.alloc(64 * KiB) == BASE
+    assert pool.alloc(1) == 0
+    assert pool.avail() == 0
+
+
+def test_negative_sizes_are_refused() -> None:
+    pool = make_pool()
+    with pytest.raises(ValueError, match="negative"):
+        pool.alloc(-1)
+    with pytest.raises(ValueError, match="negative"):
+        pool.free(BASE, -1)
+
+
+def test_newest_chunk_is_searched_first() -> None:
+    # list_add_rcu adds at the head of pool->chunks.
+    pool = GenPool(12)
+    pool.add_virt(0x10000, 0x90000, 16 * KiB)
+    pool.add_virt(0x40000, 0xA0000, 16 * KiB)
+    assert pool.alloc(4 * KiB) == 0x40000
+    chunks: list[int] = []
+    pool.for_each_chunk(lambda _p, c: chunks.append(c.start_addr))
+    assert chunks == [0x40000, 0x10000]
+
+
+def test_avail_check_uses_the_unrounded_size() -> None:
+    # A 6 KiB chunk at 4 KiB granules has one granule and avail 6 KiB:
+    # alloc(5000) passes the avail check but needs two granules, so it fails there.
+    pool = GenPool(12)
+    pool.add(0x10000, 6 * KiB)
+    assert pool.avail() == 6 * KiB
+    assert pool.alloc(5000) == 0
+    assert pool.alloc(4 * KiB) == 0x10000
+    assert pool.avail() == 2 * KiB  # the sub-granule tail stays counted, as in the kernel
+
+
+def test_virt_to_phys_and_has_addr() -> None:
+    pool = make_pool()
+    assert pool.virt_to_phys(BASE + 0x1234) == PHYS + 0x1234
+    assert pool.virt_to_phys(BASE + 1 * MiB) == -1
+    assert pool.virt_to_phys(BASE - 1) == -1
+    assert pool.has_addr(BASE, 1 * MiB)
+    assert not pool.has_addr(BASE, 1 * MiB + 1)
+    assert not pool.has_addr(BASE - 1, 2)
+    nophys = GenPool(12)
+    nophys.add(0x20000, 8 * KiB)
+    assert nophys.virt_to_phys(0x20000) == -1
+
+
+def test_dma_alloc_returns_vaddr_and_dma() -> None:
+    pool = make_pool()
+    pool.alloc(4 * KiB)
+    assert pool.dma_alloc(4 * KiB) == (BASE + 4 * KiB, PHYS + 4 * KiB)
+    assert pool.dma_alloc(2 * MiB) is None
+    # Aligned to 64 KiB: the first aligned free area.
+    assert pool.dma_alloc_align(4 * KiB, 64 * KiB) == (BASE + 64 * KiB, PHYS + 64 * KiB)
+
+
+def test_owner_comes_back_from_alloc_and_free() -> None:
+    pool = GenPool(12)
+    pool.add_owner(0x10000, 0x90000, 8 * KiB, owner="first")
+    pool.add_owner(0x40000, 0xA0000, 8 * KiB, owner="second")
+    assert pool.alloc_owner(4 * KiB) == (0x40000, "second")
+    assert pool.alloc_owner(8 * KiB) == (0x10000, "first")
+    assert pool.alloc_owner(8 * KiB) == (0, None)
+    assert pool.free_owner(0x10000, 8 * KiB) == "first"
+    assert pool.alloc_algo_owner(4 * KiB, best_fit) == (0x41000, "second")
+
+
+def test_set_algo_and_none_restores_first_fit() -> None:
+    pool = make_pool(size=64 * KiB)
+    pool.set_algo(best_fit)
+    assert pool.algo is best_fit
+    pool.set_algo(None)
+    assert pool.algo is first_fit
+
+
+# -- the five algorithms, exact addresses ---------------------------------------------
+
+
+def carve(pool: GenPool, pattern: str) -> None:
+    """Allocate granule i of the (single, order-12) chunk where pattern[i] == '#'."""
+    for i, ch in enumerate(pattern):
+        if ch == "#":
+            assert pool.alloc_algo(4 * KiB, fixed_alloc, GenPoolDataFixed(i * 4 * KiB))
+
+
+def test_first_fit_takes_the_first_hole_that_fits() -> None:
+    pool = make_pool(size=16 * 4 * KiB)
+    carve(pool, "#.##..#...#.....")
+    assert pool.alloc(2 * 4 * KiB) == BASE + 4 * 4 * KiB
+    assert pool.alloc(3 * 4 * KiB) == BASE + 7 * 4 * KiB
+
+
+def test_best_fit_takes_the_smallest_hole_lowest_first() -> None:
+    pool = make_pool(size=16 * 4 * KiB)
+    carve(pool, "#...#..#..#.....")
+    # holes: [1,4) len 3, [5,7) len 2, [8,10) len 2, [11,16) len 5
+    assert pool.alloc_algo(2 * 4 * KiB, best_fit) == BASE + 5 * 4 * KiB
+    assert pool.alloc_algo(2 * 4 * KiB, best_fit) == BASE + 8 * 4 * KiB
+    assert pool.alloc_algo(4 * 4 * KiB, best_fit) == BASE + 11 * 4 * KiB
+
+
+def test_best_fit_breaks_ties_to_the_lowest_address_when_no_hole_fits_exactly() -> None:
+    pool = make_pool(size=16 * 4 * KiB)
+    carve(pool, "#...#...#.......")
+    # holes of 3, 3 and 7 granules; two granules fit exactly nowhere
+    assert pool.alloc_algo(2 * 4 * KiB, best_fit) == BASE + 1 * 4 * KiB
+    assert pool.alloc_algo(2 * 4 * KiB, best_fit) == BASE + 5 * 4 * KiB
+
+
+def test_order_align_aligns_to_the_rounded_up_size() -> None:
+    pool = make_pool(size=32 * 4 * KiB)
+    carve(pool, "#")
+    # three granules align to four: the first free index that is a multiple of 4
+    assert pool.alloc_algo(3 * 4 * KiB, first_fit_order_align) == BASE + 4 * 4 * KiB
+    assert pool.alloc_algo(4 * KiB, first_fit_order_align) == BASE + 1 * 4 * KiB
+
+
+def test_first_fit_align_aligns_the_address_not_the_index() -> None:
+    # The chunk starts 4 KiB past a 16 KiB boundary: align_off makes the address aligned.
+    pool = GenPool(12)
+    pool.add_virt(0x11000, 0x91000, 64 * KiB)
+    vaddr = pool.alloc_algo(4 * KiB, first_fit_align, GenPoolDataAlign(16 * KiB))
+    assert vaddr == 0x14000
+    assert pool.dma_alloc_align(4 * KiB, 16 * KiB) == (0x18000, 0x98000)
+
+
+def test_fixed_alloc_takes_exactly_the_offset_or_fails() -> None:
+    pool = make_pool(size=16 * 4 * KiB)
+    data = GenPoolDataFixed(3 * 4 * KiB)
+    assert pool.alloc_algo(4 * KiB, fixed_alloc, data) == BASE + 3 * 4 * KiB
+    assert pool.alloc_algo(4 * KiB, fixed_alloc, data) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pool.alloc_algo(4 * KiB, fixed_alloc, GenPoolDataFixed(100)) == 0
+    assert any("not a multiple" in str(w.message) for w in caught)
+
+
+def test_custom_algorithm_is_called_like_genpool_algo_t() -> None:
+    seen: list[tuple[int, int, int, Any, int]] = []
+
+    def last_fit(
+        m: Bitmap, size: int, start: int, nr: int, data: Any, pool: GenPool, start_addr: int
+    ) -> int:
+        seen.append((size, start, nr, data, start_addr))
+        for i in range(size - nr, -1, -1):
+            if m.find_next_bit(i + nr, i) == i + nr:
+                return i
+        return size
+
+    pool = make_pool(size=8 * 4 * KiB)
+    assert pool.alloc_algo(2 * 4 * KiB, last_fit, "x") == BASE + 6 * 4 * KiB
+    assert seen == [(8, 0, 2, "x", BASE)]
+
+
+def test_algorithm_data_must_have_the_right_type() -> None:
+    pool = make_pool()
+    with pytest.raises(TypeError, match="GenPoolDataAlign"):
+        pool.alloc_algo(4 * KiB, first_fit_align, None)
+    with pytest.raises(TypeError, match="GenPoolDataFixed"):
+        pool.alloc_algo(4 * KiB, fixed_alloc, 7)
+    with pytest.raises(ValueError, match="power of two"):
+        GenPoolDataAlign(3000)
+
+
+@given(
+    bits=st.lists(st.booleans(), min_size=1, max_size=200),
+    start=st.integers(0, 210),
+    nr=st.integers(1, 20),
+    shift=st.integers(0, 5),
+    off=st.integers(0, 31),
+)
+def test_find_next_zero_area_matches_lib_bitmap(
+    bits: list[bool], start: int, nr: int, shift: int, off: int
+) -> None:
+    mask = (1 << shift) - 1
+    off &= mask
+    m = Bitmap(len(bits))
+    for i, b in enumerate(bits):
+        if b:
+            m._set(i, 1)
+    expected = ref.find_next_zero_area_off(bits, len(bits), start, nr, mask, off)
+    got = m.find_next_zero_area(len(bits), start, nr, mask, off)
+    if expected <= len(bits) - nr:
+        assert got == expected
+    else:
+        assert got > len(bits) - nr
+    assert m.find_next_zero_bit(len(bits), start) == ref.find_next_zero_bit(bits, len(bits), start)
+    assert m.find_next_bit(len(bits), start) == ref.find_next_bit(bits, len(bits), start)
+
+
+# -- bad input: a specific error, and the pool exactly as it was -------------------
+
+
+@pytest.mark.parametrize(
+    ("addr", "size", "error", "words"),
+    [
+        (BASE - 4 * KiB, 4 * KiB, FreeNotInPoolError, "in no chunk"),
+        (BASE + 2 * MiB, 4 * KiB, FreeNotInPoolError, "in no chunk"),
+        (BASE + 1 * MiB - 4 * KiB, 8 * KiB, FreeCrossesChunkError, "past the end"),
+        (BASE + 8 * KiB, 4 * KiB, FreeNotAllocatedError, "not wholly allocated"),
+        (BASE, 12 * KiB, FreeNotAllocatedError, "not wholly allocated"),
+        (BASE + 4 * KiB, 8 * KiB, FreeNotAllocatedError, "not wholly allocated"),
+    ],
+)
+def test_bad_free_raises_and_changes_nothing(
+    addr: int, size: int, error: type[GenPoolError], words: str
+) -> None:
+    pool = make_pool()
+    a = pool.alloc(8 * KiB)
+    before = snapshot(pool)
+    with pytest.raises(error, match=words) as info:
+        pool.free(addr, size)
+    assert f"{addr:#x}" in str(info.value)
+    assert snapshot(pool) == before
+    pool.free(a, 8 * KiB)  # the real allocation still frees
+    assert pool.avail() == 1 * MiB
+
+
+def test_double_free_is_caught() -> None:
+    pool = make_pool()
+    a = pool.alloc(4 * KiB)
+    pool.free(a, 4 * KiB)
+    before = snapshot(pool)
+    with pytest.raises(FreeNotAllocatedError, match="double free"):
+        pool.free(a, 4 * KiB)
+    assert snapshot(pool) == before
+
+
+def test_destroy_refuses_while_allocated_then_succeeds() -> None:
+    pool = make_pool()
+    a = pool.alloc(4 * KiB)
+    before = snapshot(pool)
+    with pytest.raises(PoolBusyError, match=f"{a:#x}"):
+        pool.destroy()
+    assert snapshot(pool) == before
+    pool.free(a, 4 * KiB)
+    pool.destroy()
+    assert pool.size() == 0
+    assert pool.alloc(4 * KiB) == 0
+    with pytest.raises(GenPoolError, match="destroyed"):
+        pool.add(BASE, 4 * KiB)
+
+
+def test_overlapping_and_empty_chunks_are_refused() -> None:
+    pool = make_pool()
+    before = snapshot(pool)
+    with pytest.raises(ValueError, match="overlaps"):
+        pool.add(BASE + 1 * MiB - 1, 4 * KiB)
+    with pytest.raises(ValueError, match="overlaps"):
+        pool.add(BASE - 4 * KiB, 8 * KiB)
+    with pytest.raises(ValueError, match="size must be positive"):
+        pool.add(0x100, 0)
+    assert snapshot(pool) == before
+    pool.add(BASE + 1 * MiB, 4 * KiB)  # adjacent is fine
+    with pytest.raises(ValueError, match="min_alloc_order"):
+        GenPool(64)
+
+
+# -- zalloc writes real memory -------------------------------------------------------
+
+
+def test_dma_zalloc_zeroes_real_memory() -> None:
+    with mmap.mmap(-1, 64 * KiB) as mem:
+        mem.write(b"\xa5" * (64 * KiB))
+        virt = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+        pool = GenPool(12)
+        pool.add_virt(virt, PHYS, 64 * KiB)
+        got = pool.dma_zalloc(5000)
+        assert got == (virt, PHYS)
+        assert mem[:5000] == bytes(5000)
+        assert mem[5000:5001] == b"\xa5"  # memset(vaddr, 0, size): the unrounded size
+        aligned = pool.dma_zalloc_align(4 * KiB, 16 * KiB)
+        # the first 16 KiB-aligned address past the 8 KiB already taken
+        want = (virt + 8 * KiB + 16 * KiB - 1) & ~(16 * KiB - 1)
+        assert aligned == (want, PHYS + want - virt)
+        off = want - virt
+        assert mem[off : off + 4 * KiB] == bytes(4 * KiB)
+        assert mem[off + 4 * KiB : off + 4 * KiB + 1] == b"\xa5"
+        pool.free(virt, 5000)
+        pool.free(want, 4 * KiB)
+        pool.destroy()
+
+
+def test_dma_zalloc_refuses_unmapped_memory_and_gives_it_back() -> None:
+    # A chunk whose "virtual address" is not mapped: the kernel would fault in memset.
+    # Page 0 is never mapped in a Linux process (vm.mmap_min_addr).
+    pool = GenPool(12)
+    pool.add_virt(0x1000, PHYS, 16 * KiB)
+    with pytest.raises(GenPoolError, match="not mapped in this process"):
+        pool.dma_zalloc(4 * KiB)
+    assert pool.avail() == 16 * KiB
+
+
+# -- threads -------------------------------------------------------------------------
+
+
+def test_threads_never_share_a_granule_and_accounting_is_exact() -> None:
+    pool = GenPool(6)
+    pool.add(1 << 32, 4096 * 64)
+    pool.add(1 << 33, 4096 * 64)
+    held: list[list[tuple[int, int]]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            mine = held[k]
+            for i in range(3000):
+                size = 64 * (1 + (i * 7 + k) % 5)
+                a = pool.alloc(size)
+                if a:
+                    mine.append((a, size))
+                if len(mine) > 40 or (not a and mine):
+                    b, s = mine.pop(i % len(mine))
+                    pool.free(b, s)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    spans = sorted((a, a + ((s + 63) & ~63)) for mine in held for a, s in mine)
+    for (_, end), (nxt, _) in itertools.pairwise(spans):
+        assert end <= nxt, "two threads were handed the same memory"
+    outstanding = sum(e - a for a, e in spans)
+    assert pool.avail() == pool.size() - outstanding
+    for mine in held:
+        for a, s in mine:
+            pool.free(a, s)
+    assert pool.avail() == pool.size()
+
+
+def test_chunk_repr_and_size() -> None:
+    pool = make_pool()
+    chunks: list[GenPoolChunk] = []
+    pool.for_each_chunk(lambda _p, c: chunks.append(c))
+    assert chunks[0].size() == 1 * MiB
+    assert "avail=1048576" in repr(chunks[0])

@@ -1,0 +1,634 @@
+"""gen_pool: the kernel's general-purpose special-memory allocator, in Python.
+
+A port of ``lib/genalloc.c`` and ``include/linux/genalloc.h`` (Linux v6.x).  The
+kernel's names are kept without the ``gen_pool_`` prefix: ``gen_pool_alloc`` is
+:meth:`GenPool.alloc`, ``gen_pool_first_fit_order_align`` is
+:func:`first_fit_order_align`.  For the same sequence of calls a :class:`GenPool`
+returns the same addresses as the kernel's: chunks are searched newest first
+(``list_add_rcu`` adds at the head), sizes are rounded up to granules of
+``1 << min_alloc_order`` bytes, the ``avail`` check compares the *unrounded* size,
+and :meth:`GenPool.alloc` returns 0 on failure and for size 0.
+
+Where user space differs, and why:
+
+* The kernel's bitmap has one bit per granule and is scanned word by word.  Here a
+  chunk's map is a :class:`Bitmap` holding one byte per granule, so the searches
+  are ``bytearray.find`` calls that run in C (``memchr`` and a substring search
+  for a run of free granules), plus a "first free" hint that lets first-fit skip
+  a full prefix.  The result of every search is the one the kernel's loop gives;
+  ``tests/test_genalloc.py`` checks that against a transliteration of
+  ``lib/bitmap.c``.  The price is eight times the kernel's bitmap memory.
+* Where the kernel ``BUG()``s (freeing an address in no chunk, a range that is not
+  wholly allocated, a range that runs past its chunk; destroying a pool with
+  allocations outstanding) a :class:`~uvdma.errors.GenPoolError` subclass is
+  raised and the pool is left exactly as it was: the check runs before any bit
+  is cleared, where ``bitmap_clear_ll`` would have cleared part of the range.
+* The kernel is lockless (``cmpxchg`` on bitmap words, RCU on the chunk list);
+  here one lock per pool serialises allocations and frees, so a pool is safe to
+  share between threads and the kernel's retry path never runs.
+* Chunks whose virtual ranges overlap are refused when added (the kernel accepts
+  them and then answers by list order); chunks are then found with a binary
+  search rather than a list walk, with the same answer.
+* :meth:`GenPool.virt_to_phys` returns -1 for an address in a chunk added with
+  :meth:`GenPool.add` (no physical address), where the kernel returns
+  ``-1 + offset``.
+* Zeroing (``dma_zalloc*``) writes through the virtual address, like the
+  kernel's ``memset``; before the first write into a chunk uvdma checks once, with
+  ``mincore(2)``, that the chunk's range is mapped in this process, and raises
+  instead of crashing if it is not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import threading
+import warnings
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from uvdma.errors import (
+    FreeCrossesChunkError,
+    FreeNotAllocatedError,
+    FreeNotInPoolError,
+    GenPoolError,
+    PoolBusyError,
+)
+
+__all__ = [
+    "Bitmap",
+    "GenPool",
+    "GenPoolAlgo",
+    "GenPoolChunk",
+    "GenPoolDataAlign",
+    "GenPoolDataFixed",
+    "best_fit",
+    "first_fit",
+    "first_fit_align",
+    "first_fit_order_align",
+    "fixed_alloc",
+]
+
+_FREE = 0
+_USED = 1
+
+
+class Bitmap:
+    """The allocation map of one chunk: one byte per granule, 0 free, 1 allocated.
+
+    Allocation algorithms receive it as the kernel's receive ``unsigned long *map``,
+    and search it with the ``lib/bitmap.c`` helpers below.  Algorithms must only
+    read it; the pool sets and clears bits itself.
+    """
+
+    __slots__ = ("_first_free", "bits")
+
+    def __init__(self, nbits: int) -> None:
+        self.bits = bytearray(nbits)
+        # Every granule below _first_free is allocated (a lower bound on the
+        # first free one); searches start there.
+        self._first_free = 0
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def test_bit(self, nr: int) -> bool:
+        """``test_bit``: whether granule ``nr`` is allocated."""
+        return self.bits[nr] == _USED
+
+    def find_next_zero_bit(self, size: int, start: int) -> int:
+        """``find_next_zero_bit``: the first free granule in [start, size), else ``size``."""
+        start = max(start, self._first_free)
+        if start >= size:
+            return size
+        i = self.bits.find(_FREE, start, size)
+        return size if i < 0 else i
+
+    def find_next_bit(self, size: int, start: int) -> int:
+        """``find_next_bit``: the first allocated granule in [start, size), else ``size``."""
+        if start >= size:
+            return size
+        i = self.bits.find(_USED, start, size)
+        return size if i < 0 else i
+
+    def find_next_zero_area(
+        self, size: int, start: int, nr: int, align_mask: int = 0, align_offset: int = 0
+    ) -> int:
+        """``bitmap_find_next_zero_area_off`` (lib/bitmap.c).
+
+        Returns the lowest index ``a >= start`` with ``(a + align_offset) & align_mask == 0``
+        such that granules ``[a, a + nr)`` are free and ``a + nr <= size``.  When there is
+        none it returns a value greater than ``size`` (the kernel returns ``index + nr`` of
+        its last candidate; callers only compare the result with ``size``).
+
+        The kernel restarts after every allocated granule it meets; here each maximal
+        run of at least ``nr`` free granules is found by one C-level substring search
+        and tested for an aligned fit, which gives the same index.
+        """
+        if nr < 1:
+            raise ValueError(f"find_next_zero_area: nr must be at least 1, not {nr}")
+        bits = self.bits
+        start = max(start, self._first_free)
+        if nr == 1 and not align_mask:
+            i = bits.find(_FREE, start, size) if start < size else -1
+            return size + 1 if i < 0 else i
+        run = bytes(nr)
+        while start < size:
+            i = bits.find(run, start, size)
+            if i < 0:
+                break
+            if not align_mask:
+                return i
+            a = ((i + align_offset + align_mask) & ~align_mask) - align_offset
+            if a + nr > size:
+                break
+            j = bits.find(_USED, i + nr, a + nr)
+            if j < 0:
+                return a
+            start = j + 1
+        return size + nr
+
+    def _set(self, start: int, nr: int) -> None:
+        if nr == 1:
+            self.bits[start] = _USED
+        else:
+            self.bits[start : start + nr] = b"\x01" * nr
+        if start == self._first_free:
+            self._first_free = start + nr
+
+    def _clear(self, start: int, nr: int) -> None:
+        if nr == 1:
+            self.bits[start] = _FREE
+        else:
+            self.bits[start : start + nr] = bytes(nr)
+        if start < self._first_free:
+            self._first_free = start
+
+
+#: An allocation algorithm: ``algo(map, size, start, nr, data, pool, start_addr)``
+#: returns the first granule of the area to allocate, or a value ``>= size`` when
+#: none fits (``genpool_algo_t`` in include/linux/genalloc.h).
+GenPoolAlgo = Callable[[Bitmap, int, int, int, Any, "GenPool", int], int]
+
+
+@dataclass(frozen=True)
+class GenPoolDataAlign:
+    """``struct genpool_data_align``: the alignment, in bytes, for :func:`first_fit_align`."""
+
+    align: int
+
+    def __post_init__(self) -> None:
+        if self.align < 1 or self.align & (self.align - 1):
+            raise ValueError(f"alignment must be a power of two, not {self.align}")
+
+
+@dataclass(frozen=True)
+class GenPoolDataFixed:
+    """``struct genpool_data_fixed``: the byte offset in a chunk for :func:`fixed_alloc`."""
+
+    offset: int
+
+    def __post_init__(self) -> None:
+        if self.offset < 0:
+            raise ValueError(f"offset must not be negative, not {self.offset}")
+
+
+def first_fit(
+    map: Bitmap, size: int, start: int, nr: int, data: Any, pool: GenPool, start_addr: int
+) -> int:
+    """``gen_pool_first_fit``: the first free area of ``nr`` granules, no alignment."""
+    return map.find_next_zero_area(size, start, nr, 0)
+
+
+def first_fit_align(
+    map: Bitmap, size: int, start: int, nr: int, data: Any, pool: GenPool, start_addr: int
+) -> int:
+    """``gen_pool_first_fit_align``: the first free area aligned to ``data.align`` bytes.
+
+    The alignment is of the address, not of the granule index: a chunk whose start
+    is not aligned gets ``align_offset`` as in the kernel.
+    """
+    if not isinstance(data, GenPoolDataAlign):
+        raise TypeError("first_fit_align needs a GenPoolDataAlign as its data")
+    order = pool.min_alloc_order
+    align_mask = ((data.align + (1 << order) - 1) >> order) - 1
+    align_off = (start_addr & (data.align - 1)) >> order
+    return map.find_next_zero_area(size, start, nr, align_mask, align_off)
+
+
+def fixed_alloc(
+    map: Bitmap, size: int, start: int, nr: int, data: Any, pool: GenPool, start_addr: int
+) -> int:
+    """``gen_pool_fixed_alloc``: the area at exactly ``data.offset`` bytes into the chunk.
+
+    An offset that is not a multiple of the granule fails the allocation with a
+    warning, as the kernel's ``WARN_ON`` does.
+    """
+    if not isinstance(data, GenPoolDataFixed):
+        raise TypeError("fixed_alloc needs a GenPoolDataFixed as its data")
+    order = pool.min_alloc_order
+    offset_bit = data.offset >> order
+    if data.offset & ((1 << order) - 1):
+        warnings.warn(
+            f"fixed_alloc: offset {data.offset:#x} is not a multiple of the "
+            f"{1 << order}-byte granule",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return size
+    start_bit = map.find_next_zero_area(size, start + offset_bit, nr, 0)
+    return start_bit if start_bit == offset_bit else size
+
+
+def first_fit_order_align(
+    map: Bitmap, size: int, start: int, nr: int, data: Any, pool: GenPool, start_addr: int
+) -> int:
+    """``gen_pool_first_fit_order_align``: the first free area aligned to its own size.
+
+    The alignment is ``roundup_pow_of_two(nr)`` granules, counted from the chunk start.
+    """
+    align_mask = (1 << (nr - 1).bit_length()) - 1
+    return map.find_next_zero_area(size, start, nr, align_mask)
+
+
+def best_fit(
+    map: Bitmap, size: int, start: int, nr: int, data: Any, pool: GenPool, start_addr: int
+) -> int:
+    """``gen_pool_best_fit``: the smallest free run that holds ``nr`` granules.
+
+    Ties go to the lowest address; an exact fit ends the search at once.
+    """
+    start_bit = size
+    length = size + 1
+    index = map.find_next_zero_area(size, start, nr, 0)
+    while index < size:
+        next_bit = map.find_next_bit(size, index + nr)
+        if next_bit - index < length:
+            length = next_bit - index
+            start_bit = index
+            if length == nr:
+                return start_bit
+        index = map.find_next_zero_area(size, next_bit + 1, nr, 0)
+    return start_bit
+
+
+class GenPoolChunk:
+    """``struct gen_pool_chunk``: one contiguous range of memory added to a pool.
+
+    ``start_addr`` and ``end_addr`` are inclusive, as in the kernel; ``avail`` is the
+    number of bytes not allocated (it counts a tail smaller than a granule, which can
+    never be allocated, exactly as the kernel's ``atomic_long_set(&chunk->avail, size)``).
+    """
+
+    __slots__ = ("_mapped", "avail", "end_addr", "map", "nbits", "owner", "phys_addr", "start_addr")
+
+    def __init__(self, virt: int, phys: int, size: int, nbits: int, owner: object) -> None:
+        self.start_addr = virt
+        self.end_addr = virt + size - 1
+        self.phys_addr = phys
+        self.owner = owner
+        self.avail = size
+        self.nbits = nbits
+        self.map = Bitmap(nbits)
+        self._mapped = False
+
+    def size(self) -> int:
+        """``chunk_size()``: the chunk's size in bytes."""
+        return self.end_addr - self.start_addr + 1
+
+    def __repr__(self) -> str:
+        return (
+            f"GenPoolChunk(start={self.start_addr:#x}, end={self.end_addr:#x}, "
+            f"phys={self.phys_addr:#x}, avail={self.avail})"
+        )
+
+
+def _check_mapped(chunk: GenPoolChunk) -> None:
+    """Raise unless the chunk's whole virtual range is mapped in this process."""
+    if chunk._mapped:
+        return
+    page = _PAGE_SIZE
+    lo = chunk.start_addr & ~(page - 1)
+    length = chunk.end_addr + 1 - lo
+    vec = ctypes.create_string_buffer((length + page - 1) // page)
+    ctypes.set_errno(0)
+    if _libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(length), vec) != 0:
+        err = ctypes.get_errno()
+        if err == _errno.ENOMEM:
+            raise GenPoolError(
+                f"gen_pool_dma_zalloc: chunk {chunk.start_addr:#x}-{chunk.end_addr:#x} is not "
+                "mapped in this process, so it cannot be zeroed; add memory to the pool with "
+                "the virtual address of a real mapping (mmap, a uvdma DMA region)"
+            )
+        raise OSError(err, f"mincore on chunk {chunk.start_addr:#x}")
+    chunk._mapped = True
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_libc.mincore.restype = ctypes.c_int
+_PAGE_SIZE = 4096
+try:
+    import mmap as _mmap
+
+    _PAGE_SIZE = _mmap.PAGESIZE
+except ImportError:  # pragma: no cover - mmap is always there on Linux
+    pass
+
+
+class GenPool:
+    """``struct gen_pool``: special memory carved in granules of ``1 << min_alloc_order`` bytes.
+
+    >>> pool = GenPool(12)               # 4 KiB granules
+    >>> pool.add_virt(0x10000000, 0x80000000, 1 << 20)
+    >>> pool.alloc(5000)                  # rounded up to two granules
+    268435456
+    >>> pool.avail()
+    1040384
+    >>> pool.free(0x10000000, 5000)
+
+    All methods are safe to call from several threads.
+    """
+
+    def __init__(self, min_alloc_order: int) -> None:
+        if not 0 <= min_alloc_order < 64:
+            raise ValueError(f"min_alloc_order must be in 0..63, not {min_alloc_order}")
+        self.min_alloc_order = min_alloc_order
+        self.name: str | None = None
+        self._lock = threading.Lock()
+        self._chunks: list[GenPoolChunk] = []  # search order: newest first
+        self._by_addr: list[GenPoolChunk] = []  # sorted by start_addr, for lookups
+        self._starts: list[int] = []
+        self._algo: GenPoolAlgo = first_fit
+        self._data: Any = None
+        self._destroyed = False
+
+    # -- adding memory --------------------------------------------------------
+
+    def add_owner(self, virt: int, phys: int, size: int, owner: object = None) -> None:
+        """``gen_pool_add_owner``: add a chunk of ``size`` bytes at ``virt`` (physical ``phys``).
+
+        The new chunk is searched first.  ``owner`` comes back from
+        :meth:`alloc_owner` and :meth:`free_owner`.  Raises ``ValueError`` for a
+        negative address, a size below one granule, or a range that overlaps a chunk
+        already in the pool.
+        """
+        if self._destroyed:
+            raise GenPoolError("gen_pool_add: this pool was destroyed; create a new GenPool")
+        if virt < 0 or size <= 0:
+            raise ValueError(
+                f"gen_pool_add: bad chunk at {virt:#x} of {size} bytes; "
+                "the address must not be negative and the size must be positive"
+            )
+        nbits = size >> self.min_alloc_order
+        chunk = GenPoolChunk(virt, phys, size, nbits, owner)
+        with self._lock:
+            i = bisect_right(self._starts, virt)
+            for neighbour in self._by_addr[max(i - 1, 0) : i + 1]:
+                if neighbour.start_addr <= chunk.end_addr and virt <= neighbour.end_addr:
+                    raise ValueError(
+                        f"gen_pool_add: chunk {virt:#x}-{chunk.end_addr:#x} overlaps "
+                        f"{neighbour!r}; add each range of memory once"
+                    )
+            self._chunks.insert(0, chunk)  # list_add_rcu: at the head
+            self._by_addr.insert(i, chunk)
+            self._starts.insert(i, virt)
+
+    def add_virt(self, virt: int, phys: int, size: int) -> None:
+        """``gen_pool_add_virt``: add a chunk with a known physical (DMA) address."""
+        self.add_owner(virt, phys, size, None)
+
+    def add(self, addr: int, size: int) -> None:
+        """``gen_pool_add``: add a chunk with no physical address (``phys`` is -1)."""
+        self.add_owner(addr, -1, size, None)
+
+    # -- allocating -----------------------------------------------------------
+
+    def _alloc(self, size: int, algo: GenPoolAlgo, data: Any) -> int:
+        """``gen_pool_alloc_algo_owner`` without the owner: the address, or 0 on failure."""
+        if size <= 0:
+            if size < 0:
+                raise ValueError(f"gen_pool_alloc: size must not be negative, not {size}")
+            return 0
+        order = self.min_alloc_order
+        nbits = (size + (1 << order) - 1) >> order
+        with self._lock:
+            for chunk in self._chunks:
+                if size > chunk.avail:
+                    continue
+                bitmap = chunk.map
+                end_bit = chunk.nbits
+                if algo is first_fit and nbits == 1:
+                    # The hot case, inlined: the first free granule.
+                    first = bitmap._first_free
+                    start_bit = bitmap.bits.find(_FREE, first, end_bit)
+                    if start_bit < 0:
+                        continue
+                    bitmap.bits[start_bit] = _USED
+                    if start_bit == first:
+                        bitmap._first_free = start_bit + 1
+                else:
+                    start_bit = algo(bitmap, end_bit, 0, nbits, data, self, chunk.start_addr)
+                    if start_bit >= end_bit:
+                        continue
+                    bitmap._set(start_bit, nbits)
+                chunk.avail -= nbits << order
+                return chunk.start_addr + (start_bit << order)
+        return 0
+
+    def _owner_of(self, addr: int) -> object:
+        chunk = self._find(addr) if addr else None
+        return chunk.owner if chunk is not None else None
+
+    def alloc(self, size: int) -> int:
+        """``gen_pool_alloc``: allocate ``size`` bytes with the pool's algorithm; 0 on failure."""
+        return self._alloc(size, self._algo, self._data)
+
+    def alloc_owner(self, size: int) -> tuple[int, object]:
+        """``gen_pool_alloc_owner``: like :meth:`alloc`, also returning the chunk's owner."""
+        addr = self._alloc(size, self._algo, self._data)
+        return addr, self._owner_of(addr)
+
+    def alloc_algo(self, size: int, algo: GenPoolAlgo, data: Any = None) -> int:
+        """``gen_pool_alloc_algo``: allocate with a given algorithm and its data."""
+        return self._alloc(size, algo, data)
+
+    def alloc_algo_owner(
+        self, size: int, algo: GenPoolAlgo, data: Any = None
+    ) -> tuple[int, object]:
+        """``gen_pool_alloc_algo_owner``: :meth:`alloc_algo` that also returns the owner."""
+        addr = self._alloc(size, algo, data)
+        return addr, self._owner_of(addr)
+
+    def dma_alloc_algo(
+        self, size: int, algo: GenPoolAlgo, data: Any = None
+    ) -> tuple[int, int] | None:
+        """``gen_pool_dma_alloc_algo``: returns (vaddr, dma address) or None."""
+        addr = self._alloc(size, algo, data)
+        if not addr:
+            return None
+        return addr, self.virt_to_phys(addr)
+
+    def dma_alloc(self, size: int) -> tuple[int, int] | None:
+        """``gen_pool_dma_alloc``: allocate with the pool's algorithm; (vaddr, dma) or None."""
+        return self.dma_alloc_algo(size, self._algo, self._data)
+
+    def dma_alloc_align(self, size: int, align: int) -> tuple[int, int] | None:
+        """``gen_pool_dma_alloc_align``: allocate at an address aligned to ``align`` bytes."""
+        return self.dma_alloc_algo(size, first_fit_align, GenPoolDataAlign(align))
+
+    def dma_zalloc_algo(
+        self, size: int, algo: GenPoolAlgo, data: Any = None
+    ) -> tuple[int, int] | None:
+        """``gen_pool_dma_zalloc_algo``: :meth:`dma_alloc_algo`, then zero ``size`` bytes."""
+        addr = self._alloc(size, algo, data)
+        if not addr:
+            return None
+        chunk = self._find(addr)
+        if chunk is None:  # only if the pool was destroyed under us
+            raise GenPoolError(f"gen_pool_dma_zalloc: {addr:#x} left the pool while zeroing")
+        try:
+            _check_mapped(chunk)
+        except BaseException:
+            self.free(addr, size)
+            raise
+        ctypes.memset(addr, 0, size)
+        return addr, self.virt_to_phys(addr)
+
+    def dma_zalloc(self, size: int) -> tuple[int, int] | None:
+        """``gen_pool_dma_zalloc``: :meth:`dma_alloc` of zeroed memory."""
+        return self.dma_zalloc_algo(size, self._algo, self._data)
+
+    def dma_zalloc_align(self, size: int, align: int) -> tuple[int, int] | None:
+        """``gen_pool_dma_zalloc_align``: :meth:`dma_alloc_align` of zeroed memory."""
+        return self.dma_zalloc_algo(size, first_fit_align, GenPoolDataAlign(align))
+
+    # -- freeing --------------------------------------------------------------
+
+    def _find(self, addr: int) -> GenPoolChunk | None:
+        i = bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            chunk = self._by_addr[i]
+            if addr <= chunk.end_addr:
+                return chunk
+        return None
+
+    def free(self, addr: int, size: int) -> None:
+        """``gen_pool_free``: give back ``size`` bytes at ``addr``.
+
+        Raises :class:`~uvdma.errors.FreeNotInPoolError`,
+        :class:`~uvdma.errors.FreeCrossesChunkError` or
+        :class:`~uvdma.errors.FreeNotAllocatedError` where the kernel would ``BUG()``;
+        the pool is then unchanged: every check runs before a bit is cleared.
+        """
+        if size < 0:
+            raise ValueError(f"gen_pool_free: size must not be negative, not {size}")
+        order = self.min_alloc_order
+        nbits = (size + (1 << order) - 1) >> order
+        with self._lock:
+            i = bisect_right(self._starts, addr) - 1
+            chunk = self._by_addr[i] if i >= 0 else None
+            if chunk is None or addr > chunk.end_addr:
+                raise FreeNotInPoolError(
+                    f"gen_pool_free: {addr:#x} (size {size}) is in no chunk of this pool; "
+                    "free memory to the pool it was allocated from"
+                )
+            if addr + size - 1 > chunk.end_addr:
+                raise FreeCrossesChunkError(
+                    f"gen_pool_free: {addr:#x} of size {size} runs past the end of its chunk "
+                    f"({chunk.start_addr:#x}-{chunk.end_addr:#x}); pass the size that was allocated"
+                )
+            start_bit = (addr - chunk.start_addr) >> order
+            bitmap = chunk.map
+            bits = bitmap.bits
+            if nbits == 1:
+                if start_bit >= chunk.nbits or bits[start_bit] != _USED:
+                    raise self._not_allocated(addr, size)
+                bits[start_bit] = _FREE
+                if start_bit < bitmap._first_free:
+                    bitmap._first_free = start_bit
+            elif nbits:
+                end_bit = start_bit + nbits
+                if end_bit > chunk.nbits or bits.find(_FREE, start_bit, end_bit) >= 0:
+                    raise self._not_allocated(addr, size)
+                bitmap._clear(start_bit, nbits)
+            # size 0: the kernel clears nothing
+            chunk.avail += nbits << order
+
+    @staticmethod
+    def _not_allocated(addr: int, size: int) -> FreeNotAllocatedError:
+        return FreeNotAllocatedError(
+            f"gen_pool_free: {addr:#x} of size {size} is not wholly allocated "
+            "(a double free, or the wrong size); free exactly what alloc returned"
+        )
+
+    def free_owner(self, addr: int, size: int) -> object:
+        """``gen_pool_free_owner``: :meth:`free` that returns the chunk's owner."""
+        self.free(addr, size)
+        return self._owner_of(addr)
+
+    # -- queries --------------------------------------------------------------
+
+    def virt_to_phys(self, addr: int) -> int:
+        """``gen_pool_virt_to_phys``: the physical address of ``addr``, or -1 if not in the pool."""
+        chunk = self._find(addr)
+        if chunk is None or chunk.phys_addr == -1:
+            return -1
+        return chunk.phys_addr + (addr - chunk.start_addr)
+
+    def has_addr(self, start: int, size: int) -> bool:
+        """``gen_pool_has_addr``: whether [start, start + size) lies inside one chunk."""
+        chunk = self._find(start)
+        return chunk is not None and start + size - 1 <= chunk.end_addr
+
+    def avail(self) -> int:
+        """``gen_pool_avail``: bytes not allocated, over all chunks."""
+        return sum(chunk.avail for chunk in self._chunks)
+
+    def size(self) -> int:
+        """``gen_pool_size``: bytes managed by the pool, over all chunks."""
+        return sum(chunk.size() for chunk in self._chunks)
+
+    def for_each_chunk(self, func: Callable[[GenPool, GenPoolChunk], None]) -> None:
+        """``gen_pool_for_each_chunk``: call ``func(pool, chunk)`` for each chunk, newest first."""
+        for chunk in list(self._chunks):
+            func(self, chunk)
+
+    def set_algo(self, algo: GenPoolAlgo | None, data: Any = None) -> None:
+        """``gen_pool_set_algo``: the algorithm :meth:`alloc` uses; None means :func:`first_fit`."""
+        with self._lock:
+            self._algo = algo if algo is not None else first_fit
+            self._data = data
+
+    @property
+    def algo(self) -> GenPoolAlgo:
+        """The algorithm :meth:`alloc` uses."""
+        return self._algo
+
+    def destroy(self) -> None:
+        """``gen_pool_destroy``: drop every chunk.
+
+        Raises :class:`~uvdma.errors.PoolBusyError`, naming the first outstanding
+        allocation, when anything is still allocated; the pool is then unchanged.
+        """
+        with self._lock:
+            for chunk in self._chunks:
+                bit = chunk.map.find_next_bit(chunk.nbits, 0)
+                if bit < chunk.nbits:
+                    outstanding = chunk.size() - chunk.avail
+                    raise PoolBusyError(
+                        f"gen_pool_destroy: {outstanding} bytes are still allocated, the first at "
+                        f"{chunk.start_addr + (bit << self.min_alloc_order):#x}; free them first"
+                    )
+            self._chunks.clear()
+            self._by_addr.clear()
+            self._starts.clear()
+            self._destroyed = True
+
+    def __repr__(self) -> str:
+        return (
+            f"GenPool(min_alloc_order={self.min_alloc_order}, chunks={len(self._chunks)}, "
+            f"size={self.size()}, avail={self.avail()})"
+        )
