@@ -10,11 +10,13 @@ import os
 import pytest
 from hypothesis import settings
 
+IN_VM = os.environ.get("UVDMA_IN_VM") == "1"
+
+# The guest's root filesystem is read-only: no example database there.
 settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=100, deadline=None)
-settings.load_profile(os.environ.get("UVDMA_HYPOTHESIS_PROFILE", "ci"))
-
-IN_VM = os.environ.get("UVDMA_IN_VM") == "1"
+settings.register_profile("vm", max_examples=50, deadline=None, database=None)
+settings.load_profile(os.environ.get("UVDMA_HYPOTHESIS_PROFILE", "vm" if IN_VM else "ci"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

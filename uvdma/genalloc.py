@@ -406,29 +406,39 @@ class GenPool:
 
     # -- allocating -----------------------------------------------------------
 
-    def _alloc(self, size: int, algo: GenPoolAlgo, data: Any) -> int:
-        """``gen_pool_alloc_algo_owner`` without the owner: the address, or 0 on failure."""
+    def alloc_algo(self, size: int, algo: GenPoolAlgo, data: Any = None) -> int:
+        """``gen_pool_alloc_algo``: allocate with a given algorithm and its data; 0 on failure.
+
+        This is ``gen_pool_alloc_algo_owner``, the one allocation path every other
+        ``alloc`` method goes through.
+        """
         if size <= 0:
             if size < 0:
                 raise ValueError(f"gen_pool_alloc: size must not be negative, not {size}")
             return 0
         order = self.min_alloc_order
         nbits = (size + (1 << order) - 1) >> order
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # cheaper than `with` on this path, and try/finally is free
+        try:
             for chunk in self._chunks:
                 if size > chunk.avail:
                     continue
                 bitmap = chunk.map
                 end_bit = chunk.nbits
                 if algo is first_fit and nbits == 1:
-                    # The hot case, inlined: the first free granule.
-                    first = bitmap._first_free
-                    start_bit = bitmap.bits.find(_FREE, first, end_bit)
-                    if start_bit < 0:
+                    # The hot case, inlined: the first free granule, often the hint itself.
+                    bits = bitmap.bits
+                    start_bit = bitmap._first_free
+                    if start_bit >= end_bit:
                         continue
-                    bitmap.bits[start_bit] = _USED
-                    if start_bit == first:
-                        bitmap._first_free = start_bit + 1
+                    if bits[start_bit] != _FREE:
+                        start_bit = bits.find(_FREE, start_bit, end_bit)
+                        if start_bit < 0:
+                            continue
+                    bits[start_bit] = _USED
+                    # every granule below start_bit was allocated already
+                    bitmap._first_free = start_bit + 1
                 else:
                     start_bit = algo(bitmap, end_bit, 0, nbits, data, self, chunk.start_addr)
                     if start_bit >= end_bit:
@@ -436,7 +446,9 @@ class GenPool:
                     bitmap._set(start_bit, nbits)
                 chunk.avail -= nbits << order
                 return chunk.start_addr + (start_bit << order)
-        return 0
+            return 0
+        finally:
+            lock.release()
 
     def _owner_of(self, addr: int) -> object:
         chunk = self._find(addr) if addr else None
@@ -444,29 +456,25 @@ class GenPool:
 
     def alloc(self, size: int) -> int:
         """``gen_pool_alloc``: allocate ``size`` bytes with the pool's algorithm; 0 on failure."""
-        return self._alloc(size, self._algo, self._data)
+        return self.alloc_algo(size, self._algo, self._data)
 
     def alloc_owner(self, size: int) -> tuple[int, object]:
         """``gen_pool_alloc_owner``: like :meth:`alloc`, also returning the chunk's owner."""
-        addr = self._alloc(size, self._algo, self._data)
+        addr = self.alloc_algo(size, self._algo, self._data)
         return addr, self._owner_of(addr)
-
-    def alloc_algo(self, size: int, algo: GenPoolAlgo, data: Any = None) -> int:
-        """``gen_pool_alloc_algo``: allocate with a given algorithm and its data."""
-        return self._alloc(size, algo, data)
 
     def alloc_algo_owner(
         self, size: int, algo: GenPoolAlgo, data: Any = None
     ) -> tuple[int, object]:
         """``gen_pool_alloc_algo_owner``: :meth:`alloc_algo` that also returns the owner."""
-        addr = self._alloc(size, algo, data)
+        addr = self.alloc_algo(size, algo, data)
         return addr, self._owner_of(addr)
 
     def dma_alloc_algo(
         self, size: int, algo: GenPoolAlgo, data: Any = None
     ) -> tuple[int, int] | None:
         """``gen_pool_dma_alloc_algo``: returns (vaddr, dma address) or None."""
-        addr = self._alloc(size, algo, data)
+        addr = self.alloc_algo(size, algo, data)
         if not addr:
             return None
         return addr, self.virt_to_phys(addr)
@@ -483,7 +491,7 @@ class GenPool:
         self, size: int, algo: GenPoolAlgo, data: Any = None
     ) -> tuple[int, int] | None:
         """``gen_pool_dma_zalloc_algo``: :meth:`dma_alloc_algo`, then zero ``size`` bytes."""
-        addr = self._alloc(size, algo, data)
+        addr = self.alloc_algo(size, algo, data)
         if not addr:
             return None
         chunk = self._find(addr)
@@ -527,7 +535,9 @@ class GenPool:
             raise ValueError(f"gen_pool_free: size must not be negative, not {size}")
         order = self.min_alloc_order
         nbits = (size + (1 << order) - 1) >> order
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             i = bisect_right(self._starts, addr) - 1
             chunk = self._by_addr[i] if i >= 0 else None
             if chunk is None or addr > chunk.end_addr:
@@ -556,6 +566,8 @@ class GenPool:
                 bitmap._clear(start_bit, nbits)
             # size 0: the kernel clears nothing
             chunk.avail += nbits << order
+        finally:
+            lock.release()
 
     @staticmethod
     def _not_allocated(addr: int, size: int) -> FreeNotAllocatedError:
