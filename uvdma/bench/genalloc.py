@@ -59,7 +59,7 @@ class Result:
 
 
 class _Anchor:
-    def noop(self, a: int, b: Any = None, c: Any = None) -> None:
+    def noop(self, a: object, b: object = None, c: object = None) -> None:
         """Nothing at all: the cost of a Python method call."""
 
 
