@@ -72,6 +72,8 @@ def test_kvm_and_1g_pages_on_request() -> None:
         ({"nvme_size": 4096}, "at least 1M"),
         ({"hugepage_size": "4K"}, "2M or 1G"),
         ({"hugepages": 2, "hugepage_size": "1G"}, "raise --memory"),
+        ({"hugepages": 1, "hugepage_size": "1G", "memory": "3G"}, "at least 4096M"),
+        ({"hugepages": 1800}, "raise --memory to at least 4112M"),
         ({"accel": "hvf"}, "tcg or kvm"),
         ({"boot_timeout": 0}, "positive"),
     ],

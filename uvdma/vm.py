@@ -79,11 +79,14 @@ class VmConfig:
             raise VmError(f"--accel must be tcg or kvm, not {self.accel}")
         mem = parse_size(self.memory)
         huge = self.hugepages * parse_size(self.hugepage_size)
-        if huge > mem - (512 << 20):
+        # Boot-time 1 GiB pages need 1 GiB-aligned free ranges; q35 puts the kernel in the
+        # low 2 GiB, so leave 3 GiB besides them (checked: 1 page in 4G works, in 3G not).
+        spare = (3 << 30) if self.hugepage_size == "1G" and self.hugepages else (512 << 20)
+        if huge > mem - spare:
             raise VmError(
                 f"{self.hugepages} hugepages of {self.hugepage_size} do not fit in a "
-                f"{self.memory} guest with 512M left for the kernel: raise --memory "
-                "or lower --hugepages"
+                f"{self.memory} guest with {spare >> 20}M left for the kernel: raise --memory "
+                f"to at least {(huge + spare) >> 20}M or lower --hugepages"
             )
         if self.boot_timeout <= 0 or self.timeout <= 0:
             raise VmError("timeouts must be positive")
@@ -147,6 +150,11 @@ def guest_script(config: VmConfig) -> str:
     }
     lines = [f"echo {shlex.quote(READY_MARKER)}"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines.append(
+        "got=$(awk '/^HugePages_Total/ {print $2}' /proc/meminfo); "
+        f'[ "$got" = {config.hugepages} ] || echo "uvdma-vm: warning: {config.hugepages} '
+        f'hugepages of {config.hugepage_size} asked for, $got reserved" >&2'
+    )
     if config.bind:
         lines.append(
             f"{shlex.quote(sys.executable)} -m uvdma.pci bind-nvme || "
