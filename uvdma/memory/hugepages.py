@@ -1,0 +1,280 @@
+"""Hugepage-backed memory for DMA.
+
+Each allocation tries 1 GiB pages (when it is at least 1 GiB), then 2 MiB pages, then
+4 KiB pages; for each hugepage size ``memfd_create(MFD_HUGETLB)`` first and a mounted
+hugetlbfs second.  Falling back to 4 KiB pages works but costs IOMMU mappings and TLB
+reach, so it warns once, naming the fix.  Memory is populated at mmap time (hugetlb
+reserves its pages then, so a shortage is an error now, not a SIGBUS later) and 4 KiB
+memory is locked so it stays resident.  Fresh memory reads as zeros.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from uvdma import _sys
+from uvdma.errors import UvdmaError, UvdmaOSError
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+PAGE_4K = 4 * KiB
+PAGE_2M = 2 * MiB
+PAGE_1G = 1 * GiB
+HUGEPAGE_SIZES = (PAGE_1G, PAGE_2M)
+_MFD_FLAG = {PAGE_2M: os.MFD_HUGE_2MB, PAGE_1G: os.MFD_HUGE_1GB}
+_warned: set[str] = set()  # one-time warnings already given
+
+
+class HugepagesUnavailableError(UvdmaError):
+    """No hugepages of the size asked for, and no fallback allowed."""
+
+
+def size_name(size: int) -> str:
+    """``2M``, ``1G``, ``4K``: the kernel's way of naming page sizes."""
+    for unit, name in ((GiB, "G"), (MiB, "M"), (KiB, "K")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit}{name}"
+    return f"{size}B"
+
+
+@dataclass(frozen=True)
+class HugepagePool:
+    """One hugepage size as /sys/kernel/mm/hugepages shows it."""
+
+    page_size: int
+    total: int
+    free: int
+
+
+def hugepage_pools(sysfs: Path = Path("/sys")) -> dict[int, HugepagePool]:
+    """The reserved and free hugepages of each size."""
+    pools: dict[int, HugepagePool] = {}
+    root = sysfs / "kernel/mm/hugepages"
+    if not root.is_dir():
+        return pools
+    for d in root.iterdir():
+        if not d.name.startswith("hugepages-") or not d.name.endswith("kB"):
+            continue
+        size = int(d.name[len("hugepages-") : -2]) * KiB
+        total = int((d / "nr_hugepages").read_text())
+        free = int((d / "free_hugepages").read_text())
+        pools[size] = HugepagePool(size, total, free)
+    return pools
+
+
+def reserve_hugepages(page_size: int, count: int, sysfs: Path = Path("/sys")) -> HugepagePool:
+    """Set the number of reserved hugepages of ``page_size`` (root); returns the result.
+
+    The kernel may reserve fewer than asked when memory is fragmented; the caller
+    sees that in the result.
+    """
+    path = sysfs / f"kernel/mm/hugepages/hugepages-{page_size // KiB}kB/nr_hugepages"
+    if not path.exists():
+        raise UvdmaError(f"this kernel has no {size_name(page_size)} hugepages")
+    try:
+        path.write_text(str(count))
+    except PermissionError as e:
+        raise UvdmaOSError(errno.EACCES, f"reserving hugepages: run as root ({path})") from e
+    return hugepage_pools(sysfs)[page_size]
+
+
+def _hugetlbfs_mount(page_size: int) -> Path | None:
+    """A mounted hugetlbfs with this page size, from /proc/mounts."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    default = _default_hugepage_size()
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "hugetlbfs":
+            continue
+        opts = dict(o.partition("=")[::2] for o in fields[3].split(","))
+        size = _parse_pagesize(opts["pagesize"]) if "pagesize" in opts else default
+        if size == page_size and os.access(fields[1], os.W_OK):
+            return Path(fields[1])
+    return None
+
+
+def _parse_pagesize(text: str) -> int:
+    units = {"K": KiB, "M": MiB, "G": GiB}
+    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
+
+
+def _default_hugepage_size() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("Hugepagesize:"):
+                return int(line.split()[1]) * KiB
+    except OSError:
+        pass
+    return PAGE_2M
+
+
+class HugeMemory:
+    """One mapping of DMA memory: ``vaddr``, ``size``, ``page_size``; ``close()`` unmaps.
+
+    Usable as a context manager; ``close()`` is idempotent.  The IOMMU mapping of this
+    memory must be undone before it is closed (the domain refuses otherwise).
+    """
+
+    def __init__(self, vaddr: int, size: int, page_size: int, fd: int, source: str) -> None:
+        self.vaddr = vaddr
+        self.size = size
+        self.page_size = page_size
+        self.source = source
+        self._fd = fd
+        self._closed = False
+        self.mapped_by: set[object] = set()  # IOMMU mappings that still point here
+
+    def close(self) -> None:
+        """munmap and close; refuses while an IOMMU mapping still points here."""
+        if self._closed:
+            return
+        if self.mapped_by:
+            raise UvdmaError(
+                f"memory at {self.vaddr:#x} is still mapped for DMA: unmap it from the "
+                "IOMMU before freeing it (the device could still write there)"
+            )
+        k = _sys.kernel()
+        k.munmap(self.vaddr, self.size)
+        k.close(self._fd)
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._closed
+
+    def __enter__(self) -> HugeMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"HugeMemory(vaddr={self.vaddr:#x}, size={size_name(self.size)}, "
+            f"pages={size_name(self.page_size)}, from {self.source})"
+        )
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _try_hugetlb(size: int, page_size: int, name: str) -> HugeMemory | None:
+    k = _sys.kernel()
+    length = _round_up(size, page_size)
+    prot = _sys.PROT_READ | _sys.PROT_WRITE
+    flags = _sys.MAP_SHARED | _sys.MAP_POPULATE
+    fd = -1
+    source = f"memfd {size_name(page_size)}"
+    try:
+        fd = k.memfd_create(name, os.MFD_HUGETLB | _MFD_FLAG[page_size])
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+            raise
+        mount = _hugetlbfs_mount(page_size)
+        if mount is None:
+            return None
+        path = str(mount / f"uvdma-{os.getpid()}-{id(object())}")
+        fd = k.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        os.unlink(path)
+        source = f"hugetlbfs {mount}"
+    try:
+        k.ftruncate(fd, length)
+        vaddr = k.mmap(length, prot, flags, fd, 0)
+    except OSError as e:
+        k.close(fd)
+        if e.errno in (errno.ENOMEM, errno.EINVAL, errno.ENOSPC):
+            return None  # not enough free hugepages of this size
+        raise
+    return HugeMemory(vaddr, length, page_size, fd, source)
+
+
+def _small_pages(size: int, name: str) -> HugeMemory:
+    k = _sys.kernel()
+    length = _round_up(size, PAGE_4K)
+    fd = k.memfd_create(name, 0)
+    try:
+        k.ftruncate(fd, length)
+        vaddr = k.mmap(
+            length, _sys.PROT_READ | _sys.PROT_WRITE, _sys.MAP_SHARED | _sys.MAP_POPULATE, fd, 0
+        )
+    except BaseException:
+        k.close(fd)
+        raise
+    try:
+        k.mlock(vaddr, length)
+    except OSError as e:
+        k.munmap(vaddr, length)
+        k.close(fd)
+        raise UvdmaOSError(
+            e.errno or errno.ENOMEM,
+            f"locking {length} bytes of DMA memory: RLIMIT_MEMLOCK is "
+            f"{k.memlock_limit()} bytes; raise it (`ulimit -l unlimited`, or memlock in "
+            "/etc/security/limits.conf) or run as root",
+        ) from e
+    return HugeMemory(vaddr, length, PAGE_4K, fd, "memfd 4K")
+
+
+def allocate(size: int, page_size: int | None = None, *, fallback: bool = True) -> HugeMemory:
+    """Allocate ``size`` bytes of DMA memory, rounded up to the page size used.
+
+    ``page_size`` None tries 1G (when ``size`` is at least 1 GiB), then 2M, then 4K.
+    A given ``page_size`` is tried first; with ``fallback`` False nothing smaller is
+    tried and a shortage raises :class:`HugepagesUnavailableError` naming the fix.
+    """
+    if size <= 0:
+        raise ValueError(f"DMA memory size must be positive, not {size}")
+    if page_size is not None and page_size not in (PAGE_4K, *HUGEPAGE_SIZES):
+        raise ValueError(f"page size must be 4K, 2M or 1G, not {size_name(page_size)}")
+    if page_size is None:
+        order = [PAGE_1G, PAGE_2M] if size >= PAGE_1G else [PAGE_2M]
+    else:
+        order = [p for p in HUGEPAGE_SIZES if p <= page_size]
+    name = "uvdma-dma"
+    for p in order:
+        mem = _try_hugetlb(size, p, name)
+        if mem is not None:
+            return mem
+        if not fallback:
+            break
+    if page_size != PAGE_4K and not fallback:
+        asked = size_name(page_size or PAGE_2M)
+        raise HugepagesUnavailableError(
+            f"no free {asked} hugepages for {size} bytes: reserve some "
+            f"(`uvdma hugepages --size {asked} --count N` as root)"
+        )
+    if page_size != PAGE_4K and "4k" not in _warned:
+        _warned.add("4k")
+        warnings.warn(
+            "uvdma: no free hugepages, falling back to 4 KiB pages (more IOMMU mappings, "
+            "slower DMA): reserve hugepages with `uvdma hugepages --count 64` as root",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _small_pages(size, name)
+
+
+def physical_address(vaddr: int) -> int:
+    """The physical address behind ``vaddr`` from /proc/self/pagemap (for no-IOMMU use).
+
+    Needs root (CAP_SYS_ADMIN): without it the kernel reports frame 0.
+    """
+    entry = _sys.kernel().pagemap_entry(vaddr)
+    if not entry >> 63 & 1:
+        raise UvdmaError(f"page at {vaddr:#x} is not resident: touch or lock it first")
+    pfn = entry & ((1 << 55) - 1)
+    if pfn == 0:
+        raise UvdmaOSError(
+            errno.EPERM,
+            "reading physical addresses from /proc/self/pagemap needs root (CAP_SYS_ADMIN)",
+        )
+    return pfn * _sys.PAGE_SIZE + vaddr % _sys.PAGE_SIZE

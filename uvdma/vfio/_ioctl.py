@@ -1,0 +1,50 @@
+"""Written once (STYLE 3): the argsz grow-and-retry, and errno -> errors that name the fix."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from collections.abc import Callable
+from typing import TypeVar
+
+from uvdma import _sys
+from uvdma.errors import UvdmaOSError
+
+S = TypeVar("S", bound=ctypes.Structure)
+
+
+def call(fd: int, request: int, arg: _sys.IoctlArg, what: str, fixes: dict[int, str]) -> int:
+    """ioctl that raises :class:`UvdmaOSError` naming ``what`` and, by errno, the fix."""
+    try:
+        return _sys.kernel().ioctl(fd, request, arg)
+    except OSError as e:
+        err = e.errno or errno.EIO
+        fix = fixes.get(err, "")
+        raise UvdmaOSError(err, f"{what}{': ' + fix if fix else ''}") from e
+
+
+def info(
+    fd: int,
+    request: int,
+    struct: type[S],
+    what: str,
+    setup: Callable[[S], None] = lambda _s: None,
+    fixes: dict[int, str] | None = None,
+) -> tuple[ctypes.Array[ctypes.c_char], S]:
+    """An ``argsz`` info ioctl: if the kernel asks for a bigger buffer (capabilities
+    follow the struct), grow to the ``argsz`` it wrote back and ask again.
+
+    Returns the whole buffer (for :func:`uvdma._uapi.walk_caps`) and the struct at its start.
+    """
+    size = ctypes.sizeof(struct)
+    for _ in range(8):
+        buf = ctypes.create_string_buffer(size)
+        s = struct.from_buffer(buf)
+        s.argsz = size
+        setup(s)
+        call(fd, request, buf, what, fixes or {})
+        want: int = s.argsz
+        if want <= size:
+            return buf, s
+        size = want
+    raise UvdmaOSError(errno.EOVERFLOW, f"{what}: the kernel kept asking for a larger buffer")
