@@ -65,7 +65,9 @@ LAYOUTS: list[tuple[type[ctypes.Structure], int, dict[str, int]]] = [
 ]
 
 
-@pytest.mark.parametrize(("struct", "size", "offsets"), LAYOUTS, ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize(
+    ("struct", "size", "offsets"), LAYOUTS, ids=lambda x: getattr(x, "__name__", "")
+)
 def test_struct_layout_matches_the_header(
     struct: type[ctypes.Structure], size: int, offsets: dict[str, int]
 ) -> None:
@@ -89,15 +91,15 @@ def test_ioctl_numbers_match_the_header() -> None:
 
 
 def test_constants_match_the_header() -> None:
-    assert V.IommuType.VFIO_TYPE1v2_IOMMU == 3
-    assert V.IommuType.VFIO_NOIOMMU_IOMMU == 8
+    assert int(V.IommuType.VFIO_TYPE1v2_IOMMU) == 3
+    assert int(V.IommuType.VFIO_NOIOMMU_IOMMU) == 8
     assert V.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL == 3
-    assert V.PciRegion.VFIO_PCI_CONFIG_REGION_INDEX == 7
-    assert V.PciIrq.VFIO_PCI_MSIX_IRQ_INDEX == 2
-    assert V.IrqSetFlags.VFIO_IRQ_SET_DATA_EVENTFD == 0x4
-    assert V.IrqSetFlags.VFIO_IRQ_SET_ACTION_TRIGGER == 0x20
-    assert V.DeviceFlags.VFIO_DEVICE_FLAGS_CAPS == 0x80
-    assert I.IoasMapFlags.IOMMU_IOAS_MAP_READABLE == 4
+    assert int(V.PciRegion.VFIO_PCI_CONFIG_REGION_INDEX) == 7
+    assert int(V.PciIrq.VFIO_PCI_MSIX_IRQ_INDEX) == 2
+    assert int(V.IrqSetFlags.VFIO_IRQ_SET_DATA_EVENTFD) == 0x4
+    assert int(V.IrqSetFlags.VFIO_IRQ_SET_ACTION_TRIGGER) == 0x20
+    assert int(V.DeviceFlags.VFIO_DEVICE_FLAGS_CAPS) == 0x80
+    assert int(I.IoasMapFlags.IOMMU_IOAS_MAP_READABLE) == 4
 
 
 def test_capability_chain_walk_follows_next_and_stops_on_loops() -> None:

@@ -121,7 +121,7 @@ class VfioDevice:
         self.fd = fd
         self.domain = domain
         self._owns_domain = owns_domain
-        self._group = group
+        self.group = group  # type1: the IOMMU group the device was opened through
         self._bars: dict[int, Bar] = {}
         self._irq_fds: dict[int, list[int]] = {}
         self.closed = False
@@ -331,11 +331,11 @@ class VfioDevice:
             return
         self.closed = True
         with contextlib.ExitStack() as stack:
-            # ExitStack runs these in reverse: domain last, device fd before it.
+            # ExitStack runs these in reverse: the domain last. The domain closes the
+            # groups itself, after unmapping: a group leaving its container takes the
+            # container's IOMMU (and every mapping) with it.
             if self._owns_domain:
                 stack.callback(self.domain.close)
-            if self._group is not None and self._owns_domain:
-                stack.callback(self._group.close)
             stack.callback(_sys.kernel().close, self.fd)
             for bar in self._bars.values():
                 stack.callback(bar.close)

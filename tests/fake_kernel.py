@@ -1,0 +1,420 @@
+"""A fake kernel behind uvdma's syscall seam, answering as Linux's VFIO and iommufd do.
+
+It keeps only what the real code paths look at: which fds are open and what they are,
+the container's and IOAS's mappings (overlap -> EEXIST, type1's entry limit ->
+ENOSPC, pinned bytes past RLIMIT_MEMLOCK -> ENOMEM, unmapping nothing -> size 0 /
+ENOENT), the argsz protocol (a too-small buffer gets argsz grown, capabilities after
+the struct), iommufd's EMSGSIZE for a short range array, and hugetlb reservations.
+BAR and config space are real memory so register reads work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from uvdma._uapi import iommufd as I  # noqa: N812
+from uvdma._uapi import vfio as V  # noqa: N812
+from uvdma._uapi import vfio_info_cap_header
+
+GROUP_RANGES = [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 39) - 1)]
+
+
+def err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@dataclass
+class FakeDevice:
+    bdf: str
+    group: int
+    cdev: int
+    bar0: ctypes.Array[ctypes.c_char] = field(
+        default_factory=lambda: ctypes.create_string_buffer(16384)
+    )
+    config: bytearray = field(default_factory=lambda: bytearray(256))
+    msix_vectors: int = 4
+
+
+@dataclass
+class Fd:
+    kind: str  # container, group, device, iommufd, cdev, memfd, eventfd, file
+    obj: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FakeKernel:
+    """Configure the attributes, then ``with use_kernel(fake): ...``."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, FakeDevice] = {}
+        self.viable: dict[int, bool] = {}
+        self.iommufd = True
+        self.dma_entry_limit = 65535
+        self.memlock = 64 << 20
+        self.privileged = True  # pagemap PFNs visible; CAP_IPC_LOCK
+        self.free_hugepages = {2 << 20: 16, 1 << 30: 0}
+        self.grow_info_once = True  # the first info ioctl asks for a bigger buffer
+        self.fds: dict[int, Fd] = {}
+        self.next_fd = 100
+        self.next_addr = 0x7F00_0000_0000
+        self.calls: list[str] = []
+        self.containers: dict[int, dict[str, Any]] = {}
+        self.ioas: dict[int, dict[int, int]] = {}
+        self.pinned = 0
+        self.mlocked = 0
+        self.irqs: dict[tuple[str, int], list[int]] = {}
+
+    def add_device(self, bdf: str, group: int, cdev: int) -> FakeDevice:
+        d = FakeDevice(bdf, group, cdev)
+        # NVMe-like BAR0: CAP (MQES 2047, TO 15, CSS NVM), VS 1.4
+        ctypes.c_uint64.from_buffer(d.bar0, 0).value = 2047 | (1 << 16) | (15 << 24) | (1 << 37)
+        ctypes.c_uint32.from_buffer(d.bar0, 8).value = 0x00010400
+        d.config[0:2] = (0x1B36).to_bytes(2, "little")
+        d.config[0x06] = 0x10  # capability list
+        d.config[0x34] = 0x40
+        d.config[0x40:0x44] = bytes([0x11, 0x00, d.msix_vectors - 1, 0])  # MSI-X, table size
+        self.devices[bdf] = d
+        self.viable.setdefault(group, True)
+        return d
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _new(self, kind: str, obj: Any = None) -> int:
+        fd = self.next_fd
+        self.next_fd += 1
+        self.fds[fd] = Fd(kind, obj)
+        return fd
+
+    def open_kinds(self) -> list[str]:
+        return sorted(f.kind for f in self.fds.values())
+
+    # -- the Kernel protocol -------------------------------------------------------------------
+    def open(self, path: str, flags: int) -> int:
+        self.calls.append(f"open {path}")
+        if path == "/dev/vfio/vfio":
+            return self._new("container", {"groups": [], "iommu": False, "maps": {}})
+        if path == "/dev/iommu":
+            if not self.iommufd:
+                raise err(errno.ENOENT)
+            return self._new("iommufd")
+        if path.startswith("/dev/vfio/devices/vfio"):
+            n = int(path.rsplit("vfio", 1)[1])
+            for d in self.devices.values():
+                if d.cdev == n:
+                    return self._new("cdev", d)
+            raise err(errno.ENOENT)
+        if path.startswith("/dev/vfio/"):
+            group = int(path.rsplit("/", 1)[1])
+            if group not in self.viable:
+                raise err(errno.ENOENT)
+            return self._new("group", {"number": group, "container": None})
+        raise err(errno.ENOENT)
+
+    def close(self, fd: int) -> None:
+        f = self.fds.pop(fd, None)
+        if f is None:
+            raise err(errno.EBADF)
+        if f.kind == "group" and f.obj["container"] is not None:
+            c = f.obj["container"]
+            c["groups"].remove(f.obj["number"])
+            if not c["groups"]:  # the last group takes the IOMMU and its mappings with it
+                for size in c["maps"].values():
+                    self.pinned -= size
+                c["maps"].clear()
+                c["iommu"] = False
+        if f.kind == "container":
+            for size in f.obj["maps"].values():
+                self.pinned -= size
+        if f.kind == "memfd" and f.extra.get("reserved"):
+            self.free_hugepages[f.extra["page"]] += f.extra["reserved"]
+
+    def ioctl(self, fd: int, request: int, arg: Any = 0) -> int:
+        f = self.fds.get(fd)
+        if f is None:
+            raise err(errno.EBADF)
+        name = {
+            v: k for k, v in vars(V).items() if k.startswith("VFIO_") and isinstance(v, int)
+        } | {v: k for k, v in vars(I).items() if k.startswith("IOMMU_") and isinstance(v, int)}
+        self.calls.append(f"ioctl {name.get(request, hex(request))}")
+        handler = getattr(self, f"_{f.kind}_ioctl")
+        return int(handler(f, request, arg))
+
+    def _container_ioctl(self, f: Fd, request: int, arg: Any) -> int:
+        c = f.obj
+        if request == V.VFIO_GET_API_VERSION:
+            return V.VFIO_API_VERSION
+        if request == V.VFIO_CHECK_EXTENSION:
+            return 1 if arg in (V.IommuType.VFIO_TYPE1v2_IOMMU, V.IommuType.VFIO_TYPE1_IOMMU) else 0
+        if request == V.VFIO_SET_IOMMU:
+            if not c["groups"]:
+                raise err(errno.EINVAL)
+            c["iommu"] = True
+            return 0
+        if not c["iommu"]:
+            raise err(errno.EINVAL)
+        if request == V.VFIO_IOMMU_GET_INFO:
+            return self._type1_info(c, arg)
+        if request == V.VFIO_IOMMU_MAP_DMA:
+            m = V.vfio_iommu_type1_dma_map.from_buffer(arg)
+            if m.iova % 4096 or m.size % 4096 or m.vaddr % 4096 or not m.size:
+                raise err(errno.EINVAL)
+            if not any(s <= m.iova and m.iova + m.size - 1 <= e for s, e in GROUP_RANGES):
+                raise err(errno.EINVAL)
+            for iova, size in c["maps"].items():
+                if iova < m.iova + m.size and m.iova < iova + size:
+                    raise err(errno.EEXIST)
+            if len(c["maps"]) >= self.dma_entry_limit:
+                raise err(errno.ENOSPC)
+            if not self.privileged and self.pinned + m.size > self.memlock:
+                raise err(errno.ENOMEM)
+            c["maps"][m.iova] = m.size
+            self.pinned += m.size
+            return 0
+        if request == V.VFIO_IOMMU_UNMAP_DMA:
+            u = V.vfio_iommu_type1_dma_unmap.from_buffer(arg)
+            done = 0
+            for iova in [
+                i for i in c["maps"] if u.iova <= i and i + c["maps"][i] <= u.iova + u.size
+            ]:
+                done += c["maps"].pop(iova)
+            self.pinned -= done
+            u.size = done  # type1 reports what it unmapped; nothing is not an error
+            return 0
+        raise err(errno.ENOTTY)
+
+    def _type1_info(self, c: dict[str, Any], buf: Any) -> int:
+        head = V.vfio_iommu_type1_info.from_buffer(buf)
+        hdr = ctypes.sizeof(V.vfio_iommu_type1_info)
+        ranges_cap = ctypes.sizeof(V.vfio_iommu_type1_info_cap_iova_range) + 16 * len(GROUP_RANGES)
+        avail_cap = ctypes.sizeof(V.vfio_iommu_type1_info_dma_avail)
+        need = hdr + ranges_cap + avail_cap + 4  # the kernel pads caps to 8 bytes
+        head.flags = (
+            V.IommuInfoFlags.VFIO_IOMMU_INFO_PGSIZES | V.IommuInfoFlags.VFIO_IOMMU_INFO_CAPS
+        )
+        head.iova_pgsizes = 0x40201000  # 4K, 2M, 1G
+        if head.argsz < need or (self.grow_info_once and not c.get("grown")):
+            c["grown"] = True
+            head.argsz = max(need, head.argsz + 8)
+            head.cap_offset = 0
+            return 0
+        head.cap_offset = hdr
+        r = V.vfio_iommu_type1_info_cap_iova_range.from_buffer(buf, hdr)
+        r.header.id = V.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE
+        r.header.version = 1
+        r.header.next = hdr + ranges_cap
+        r.nr_iovas = len(GROUP_RANGES)
+        for i, (s, e) in enumerate(GROUP_RANGES):
+            rr = V.vfio_iova_range.from_buffer(buf, hdr + ctypes.sizeof(r) + 16 * i)
+            rr.start, rr.end = s, e
+        a = V.vfio_iommu_type1_info_dma_avail.from_buffer(buf, hdr + ranges_cap)
+        a.header.id = V.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL
+        a.header.version = 1
+        a.header.next = 0
+        a.avail = self.dma_entry_limit - len(c["maps"])
+        return 0
+
+    def _group_ioctl(self, f: Fd, request: int, arg: Any) -> int:
+        g = f.obj
+        if request == V.VFIO_GROUP_GET_STATUS:
+            arg.flags = V.GroupFlags.VFIO_GROUP_FLAGS_VIABLE if self.viable[g["number"]] else 0
+            if g["container"] is not None:
+                arg.flags |= V.GroupFlags.VFIO_GROUP_FLAGS_CONTAINER_SET
+            return 0
+        if request == V.VFIO_GROUP_SET_CONTAINER:
+            if not self.viable[g["number"]]:
+                raise err(errno.EPERM)
+            c = self.fds[arg.value].obj
+            c["groups"].append(g["number"])
+            g["container"] = c
+            return 0
+        if request == V.VFIO_GROUP_GET_DEVICE_FD:
+            bdf = arg.value.decode()
+            d = self.devices.get(bdf)
+            if (
+                d is None
+                or d.group != g["number"]
+                or g["container"] is None
+                or not g["container"]["iommu"]
+            ):
+                raise err(errno.EINVAL)
+            return self._new("device", d)
+        raise err(errno.ENOTTY)
+
+    def _device_ioctl(self, f: Fd, request: int, arg: Any) -> int:
+        d: FakeDevice = f.obj
+        if request == V.VFIO_DEVICE_GET_INFO:
+            info = V.vfio_device_info.from_buffer(arg)
+            info.flags = V.DeviceFlags.VFIO_DEVICE_FLAGS_PCI | V.DeviceFlags.VFIO_DEVICE_FLAGS_RESET
+            info.num_regions = V.PciRegion.VFIO_PCI_NUM_REGIONS
+            info.num_irqs = V.PciIrq.VFIO_PCI_NUM_IRQS
+            return 0
+        if request == V.VFIO_DEVICE_GET_REGION_INFO:
+            r = V.vfio_region_info.from_buffer(arg)
+            if r.index >= V.PciRegion.VFIO_PCI_NUM_REGIONS:
+                raise err(errno.EINVAL)
+            r.offset = r.index << 40  # vfio-pci's VFIO_PCI_INDEX_TO_OFFSET
+            r.flags = (
+                V.RegionFlags.VFIO_REGION_INFO_FLAG_READ | V.RegionFlags.VFIO_REGION_INFO_FLAG_WRITE
+            )
+            if r.index == 0:
+                r.size = ctypes.sizeof(d.bar0)
+                r.flags |= V.RegionFlags.VFIO_REGION_INFO_FLAG_MMAP
+            elif r.index == V.PciRegion.VFIO_PCI_CONFIG_REGION_INDEX:
+                r.size = len(d.config)
+            else:
+                r.size = 0
+            return 0
+        if request == V.VFIO_DEVICE_GET_IRQ_INFO:
+            arg.flags = V.IrqInfoFlags.VFIO_IRQ_INFO_EVENTFD
+            arg.count = d.msix_vectors if arg.index == V.PciIrq.VFIO_PCI_MSIX_IRQ_INDEX else 1
+            return 0
+        if request == V.VFIO_DEVICE_SET_IRQS:
+            s = V.vfio_irq_set.from_buffer(arg)
+            if s.flags & V.IrqSetFlags.VFIO_IRQ_SET_DATA_EVENTFD:
+                fds = (ctypes.c_int32 * s.count).from_buffer(arg, ctypes.sizeof(s))
+                self.irqs[(d.bdf, s.index)] = list(fds)
+            else:
+                self.irqs.pop((d.bdf, s.index), None)
+            return 0
+        if request == V.VFIO_DEVICE_RESET:
+            return 0
+        raise err(errno.ENOTTY)
+
+    def _iommufd_ioctl(self, f: Fd, request: int, arg: Any) -> int:
+        if request == I.IOMMU_IOAS_ALLOC:
+            ioas_id = len(self.ioas) + 1
+            self.ioas[ioas_id] = {}
+            arg.out_ioas_id = ioas_id
+            return 0
+        if request == I.IOMMU_IOAS_IOVA_RANGES:
+            if arg.ioas_id not in self.ioas:
+                raise err(errno.ENOENT)
+            if arg.num_iovas < len(GROUP_RANGES):
+                arg.num_iovas = len(GROUP_RANGES)
+                raise err(errno.EMSGSIZE)
+            out = (I.iommu_iova_range * len(GROUP_RANGES)).from_address(arg.allowed_iovas)
+            for i, (s, e) in enumerate(GROUP_RANGES):
+                out[i].start, out[i].last = s, e
+            arg.num_iovas = len(GROUP_RANGES)
+            arg.out_iova_alignment = 4096
+            return 0
+        if request == I.IOMMU_IOAS_MAP:
+            maps = self.ioas[arg.ioas_id]
+            if not arg.flags & I.IoasMapFlags.IOMMU_IOAS_MAP_FIXED_IOVA:
+                raise err(errno.EINVAL)
+            for iova, size in maps.items():
+                if iova < arg.iova + arg.length and arg.iova < iova + size:
+                    raise err(errno.EEXIST)
+            if not self.privileged and self.pinned + arg.length > self.memlock:
+                raise err(errno.ENOMEM)
+            maps[arg.iova] = arg.length
+            self.pinned += arg.length
+            return 0
+        if request == I.IOMMU_IOAS_UNMAP:
+            maps = self.ioas[arg.ioas_id]
+            if arg.iova not in maps:
+                raise err(errno.ENOENT)
+            arg.length = maps.pop(arg.iova)
+            self.pinned -= arg.length
+            return 0
+        if request == I.IOMMU_DESTROY:
+            maps = self.ioas.pop(arg.id)
+            self.pinned -= sum(maps.values())
+            return 0
+        raise err(errno.ENOTTY)
+
+    def _cdev_ioctl(self, f: Fd, request: int, arg: Any) -> int:
+        if request == V.VFIO_DEVICE_BIND_IOMMUFD:
+            if self.fds[arg.iommufd].kind != "iommufd" or f.extra.get("bound"):
+                raise err(errno.EBUSY if f.extra.get("bound") else errno.EINVAL)
+            f.extra["bound"] = True
+            arg.out_devid = 7
+            return 0
+        if request == V.VFIO_DEVICE_ATTACH_IOMMUFD_PT:
+            if not f.extra.get("bound") or arg.pt_id not in self.ioas:
+                raise err(errno.EINVAL)
+            f.extra["ioas"] = arg.pt_id
+            return 0
+        if not f.extra.get("ioas"):
+            raise err(errno.EINVAL)  # a cdev is usable only once bound and attached
+        return self._device_ioctl(f, request, arg)
+
+    def mmap(self, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+        f = self.fds[fd]
+        if f.kind in ("device", "cdev"):
+            d: FakeDevice = f.obj
+            return ctypes.addressof(d.bar0)
+        if f.kind == "memfd" and f.extra["page"] > 4096:
+            page = f.extra["page"]
+            pages = length // page
+            if self.free_hugepages.get(page, 0) < pages:
+                raise err(errno.ENOMEM)
+            self.free_hugepages[page] -= pages
+            f.extra["reserved"] = pages
+        addr = self.next_addr
+        self.next_addr += (length + (1 << 30) - 1) & ~((1 << 30) - 1)
+        return addr
+
+    def munmap(self, addr: int, length: int) -> None:
+        self.calls.append("munmap")
+
+    def memfd_create(self, name: str, flags: int) -> int:
+        page = 4096
+        if flags & os.MFD_HUGETLB:
+            page = 1 << ((flags >> os.MFD_HUGE_SHIFT) & os.MFD_HUGE_MASK)
+        fd = self._new("memfd")
+        self.fds[fd].extra["page"] = page
+        return fd
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        self.fds[fd].extra["size"] = length
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        d: FakeDevice = self.fds[fd].obj
+        index, off = offset >> 40, offset & ((1 << 40) - 1)
+        if index != V.PciRegion.VFIO_PCI_CONFIG_REGION_INDEX:
+            raise err(errno.EINVAL)
+        return bytes(d.config[off : off + size])
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        d: FakeDevice = self.fds[fd].obj
+        off = offset & ((1 << 40) - 1)
+        d.config[off : off + len(data)] = data
+        return len(data)
+
+    def eventfd(self, initval: int, flags: int) -> int:
+        fd = self._new("eventfd")
+        self.fds[fd].extra["count"] = initval
+        return fd
+
+    def signal(self, fd: int) -> None:
+        """The device raising the interrupt wired to eventfd ``fd``."""
+        self.fds[fd].extra["count"] += 1
+
+    def read(self, fd: int, size: int) -> bytes:
+        f = self.fds[fd]
+        count: int = f.extra["count"]
+        f.extra["count"] = 0
+        return count.to_bytes(8, "little")
+
+    def wait_readable(self, fd: int, timeout: float) -> bool:
+        return bool(self.fds[fd].extra.get("count"))
+
+    def mlock(self, addr: int, length: int) -> None:
+        if not self.privileged and self.mlocked + length > self.memlock:
+            raise err(errno.ENOMEM)
+        self.mlocked += length
+
+    def memlock_limit(self) -> int:
+        return self.memlock
+
+    def pagemap_entry(self, vaddr: int) -> int:
+        pfn = (vaddr >> 12) & 0xFFFFF if self.privileged else 0
+        return (1 << 63) | pfn
+
+
+def info_header() -> type[vfio_info_cap_header]:
+    return vfio_info_cap_header
