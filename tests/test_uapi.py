@@ -62,6 +62,7 @@ LAYOUTS: list[tuple[type[ctypes.Structure], int, dict[str, int]]] = [
         {"flags": 4, "ioas_id": 8, "user_va": 16, "length": 24, "iova": 32},
     ),
     (I.iommu_ioas_unmap, 24, {"ioas_id": 4, "iova": 8, "length": 16}),
+    (I.iommu_option, 24, {"option_id": 4, "op": 8, "object_id": 12, "val64": 16}),
 ]
 
 

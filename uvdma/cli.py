@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from uvdma import __version__, vm
+from uvdma import __version__, doctor, pci, vm
 from uvdma.bench import genalloc as bench_genalloc
+from uvdma.bench import map as bench_map
 from uvdma.errors import UvdmaError
+from uvdma.memory import hugepages
 
 
 def _cmd_vm_run(args: argparse.Namespace) -> int:
@@ -17,6 +21,78 @@ def _cmd_vm_run(args: argparse.Namespace) -> int:
 
 def _cmd_bench_genalloc(args: argparse.Namespace) -> int:
     return bench_genalloc.main(json_out=args.json, quick=args.quick)
+
+
+def _group_viable(dev: pci.PciDevice) -> bool | None:
+    group = dev.iommu_group
+    return None if group is None else not pci.group_blockers(group)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    for dev in pci.list_devices():
+        rows.append(
+            {
+                "address": str(dev.address),
+                "vendor": f"{dev.vendor:04x}",
+                "device": f"{dev.device:04x}",
+                "class": f"{dev.class_code:06x}",
+                "driver": dev.driver,
+                "iommu_group": dev.iommu_group,
+                "group_viable": _group_viable(dev),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'address':<13} {'id':<10} {'class':<7} {'driver':<12} {'group':>5}  vfio")
+    for r in rows:
+        viable = {True: "viable", False: "not viable", None: "no IOMMU"}[r["group_viable"]]
+        group = "-" if r["iommu_group"] is None else r["iommu_group"]
+        print(
+            f"{r['address']:<13} {r['vendor']}:{r['device']:<5} {r['class']:<7} "
+            f"{r['driver'] or '-':<12} {group:>5}  {viable}"
+        )
+    return 0
+
+
+def _cmd_bind(args: argparse.Namespace) -> int:
+    dev = pci.device(args.address)
+    previous = pci.bind(dev.address)
+    print(f"{dev.address}: {previous or 'no driver'} -> vfio-pci (group {dev.iommu_group})")
+    return 0
+
+
+def _cmd_unbind(args: argparse.Namespace) -> int:
+    dev = pci.device(args.address)
+    now = pci.unbind(dev.address)
+    print(f"{dev.address}: vfio-pci -> {now or 'no driver'}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    return doctor.main(args.address)
+
+
+def _cmd_hugepages(args: argparse.Namespace) -> int:
+    size = {"2M": hugepages.PAGE_2M, "1G": hugepages.PAGE_1G}[args.size]
+    if args.count is not None:
+        if args.count < 0:
+            raise UvdmaError("--count must not be negative")
+        got = hugepages.reserve_hugepages(size, args.count)
+        if got.total < args.count:
+            print(
+                f"asked for {args.count} {args.size} hugepages, the kernel reserved {got.total} "
+                "(memory is short or fragmented; reserve at boot with hugepages= for more)",
+                file=sys.stderr,
+            )
+    for p in sorted(hugepages.hugepage_pools().values(), key=lambda p: p.page_size):
+        print(f"{hugepages.size_name(p.page_size):>3}: {p.total} reserved, {p.free} free")
+    return 0
+
+
+def _cmd_bench_map(args: argparse.Namespace) -> int:
+    return bench_map.main(args.device, json_out=args.json, budget_s=args.seconds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_arguments(run_p)
     run_p.set_defaults(func=_cmd_vm_run)
 
+    list_p = sub.add_parser("list", help="PCI devices, their drivers and IOMMU groups")
+    list_p.add_argument("--json", action="store_true")
+    list_p.set_defaults(func=_cmd_list)
+    bind_p = sub.add_parser("bind", help="bind a device to vfio-pci (root)")
+    bind_p.add_argument("address", metavar="BDF")
+    bind_p.set_defaults(func=_cmd_bind)
+    unbind_p = sub.add_parser("unbind", help="give a device back to the driver it had (root)")
+    unbind_p.add_argument("address", metavar="BDF")
+    unbind_p.set_defaults(func=_cmd_unbind)
+    doc_p = sub.add_parser("doctor", help="check that this machine is ready, and say the fixes")
+    doc_p.add_argument("address", metavar="BDF", nargs="?")
+    doc_p.set_defaults(func=_cmd_doctor)
+    huge_p = sub.add_parser("hugepages", help="show, or reserve (root), hugepages")
+    huge_p.add_argument("--size", choices=["2M", "1G"], default="2M")
+    huge_p.add_argument("--count", type=int, help="how many to reserve")
+    huge_p.set_defaults(func=_cmd_hugepages)
+
     bench_p = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench_p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     ga_p = bench_sub.add_parser(
@@ -47,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     ga_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ga_p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     ga_p.set_defaults(func=_cmd_bench_genalloc)
+    map_p = bench_sub.add_parser("map", help="IOMMU map+unmap latency beside a null ioctl")
+    map_p.add_argument("--device", metavar="BDF", help="default: the first vfio-pci device")
+    map_p.add_argument("--json", action="store_true")
+    map_p.add_argument("--seconds", type=float, default=2.0, help="time budget per size")
+    map_p.set_defaults(func=_cmd_bench_map)
     return parser
 
 

@@ -13,7 +13,9 @@ a stand-in tree.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +26,8 @@ from uvdma.errors import PciError
 
 SYSFS = Path("/sys")
 DEVFS = Path("/dev")
+#: Where bind() remembers each device's previous driver, for unbind() to restore.
+STATE_DIR = Path(os.environ.get("UVDMA_STATE_DIR", "/run/uvdma/bound"))
 NVME_CLASS = 0x010802  # PCI class 01h (mass storage), 08h (NVM), 02h (NVM Express)
 VFIO_PCI = "vfio-pci"
 #: Drivers that leave an IOMMU group viable for VFIO (drivers/vfio/group.c and vfio-pci).
@@ -182,6 +186,7 @@ def bind(address: str | PciAddress, sysfs: Path = SYSFS) -> str | None:
     previous = dev.driver
     if previous == VFIO_PCI:
         return previous
+    _remember(dev.address, previous)
     _write(dev.path / "driver_override", VFIO_PCI, what)
     if previous is not None:
         _write(dev.path / "driver/unbind", str(dev.address), what)
@@ -192,17 +197,46 @@ def bind(address: str | PciAddress, sysfs: Path = SYSFS) -> str | None:
 
 
 def unbind(address: str | PciAddress, sysfs: Path = SYSFS) -> str | None:
-    """Release a device from vfio-pci and let the kernel bind its usual driver again.
+    """Release a device from vfio-pci and give it back to the driver it had before
+    :func:`bind` (or, if that is not known, to whichever driver the kernel picks).
 
     Returns the driver it is bound to afterwards (None if no driver claimed it).
     """
     dev = device(address, sysfs)
     what = f"unbind {dev.address}"
+    previous = _recall(dev.address)
     _write(dev.path / "driver_override", "\n", what)
     if dev.driver is not None:
         _write(dev.path / "driver/unbind", str(dev.address), what)
     _write(sysfs / "bus/pci/drivers_probe", str(dev.address), what)
+    if previous and dev.driver != previous:
+        bind_file = sysfs / "bus/pci/drivers" / previous / "bind"
+        if bind_file.exists():
+            if dev.driver is not None:
+                _write(dev.path / "driver/unbind", str(dev.address), what)
+            _write(bind_file, str(dev.address), what)
+    _forget(dev.address)
     return dev.driver
+
+
+def _remember(address: PciAddress, driver: str | None) -> None:
+    try:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        (STATE_DIR / str(address)).write_text(driver or "")
+    except OSError:
+        pass  # best effort: unbind then lets the kernel choose
+
+
+def _recall(address: PciAddress) -> str | None:
+    try:
+        return (STATE_DIR / str(address)).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _forget(address: PciAddress) -> None:
+    with contextlib.suppress(OSError):
+        (STATE_DIR / str(address)).unlink()
 
 
 def vfio_group_path(group: int, devfs: Path = DEVFS) -> Path:

@@ -76,3 +76,20 @@ class iommu_ioas_unmap(ctypes.Structure):  # noqa: N801
         ("iova", ctypes.c_uint64),
         ("length", ctypes.c_uint64),
     ]
+
+
+IOMMU_OPTION_RLIMIT_MODE = 0
+IOMMU_OPTION_HUGE_PAGES = 1
+IOMMU_OPTION_OP_SET = 0
+IOMMU_OPTION_OP_GET = 1
+
+
+class iommu_option(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("option_id", ctypes.c_uint32),
+        ("op", ctypes.c_uint16),
+        ("__reserved", ctypes.c_uint16),
+        ("object_id", ctypes.c_uint32),
+        ("val64", ctypes.c_uint64),
+    ]

@@ -62,6 +62,10 @@ class IommuDomain:
         """How many more mappings the kernel allows (type1's DMA_AVAIL), if it says."""
         return None
 
+    def null_ioctl(self) -> None:
+        """The cheapest ioctl on the domain's fd: the benchmark's anchor."""
+        raise NotImplementedError
+
     def _kernel_map(self, m: DmaMapping) -> None:
         raise NotImplementedError
 

@@ -115,6 +115,16 @@ class IommufdDomain(IommuDomain):
         self.iova_ranges()
         return ((1 << 64) - 1) & ~(self._alignment - 1)
 
+    def null_ioctl(self) -> None:
+        """IOMMU_OPTION get of the IOAS's huge-page option: a cheap round trip."""
+        opt = I.iommu_option(
+            size=ctypes.sizeof(I.iommu_option),
+            option_id=I.IOMMU_OPTION_HUGE_PAGES,
+            op=I.IOMMU_OPTION_OP_GET,
+            object_id=self.ioas_id,
+        )
+        _sys.kernel().ioctl(self.fd, I.IOMMU_OPTION, opt)
+
     def _kernel_map(self, m: DmaMapping) -> None:
         flags = I.IoasMapFlags.IOMMU_IOAS_MAP_FIXED_IOVA
         if m.read:
