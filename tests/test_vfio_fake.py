@@ -227,3 +227,16 @@ def test_bus_master_and_reset(fake: FakeKernel, sysfs: Path) -> None:
         assert dev.config_read(0x04, 2) & 0x6 == 0x6
         dev.reset()
         assert "ioctl VFIO_DEVICE_RESET" in fake.calls
+
+
+def test_mapped_memory_cannot_be_freed_until_unmapped(fake: FakeKernel, sysfs: Path) -> None:
+    from uvdma.memory import allocate  # noqa: PLC0415
+
+    with open_device(NVME, sysfs=sysfs, backend="type1") as dev:
+        mem = allocate(2 * MiB)
+        m = dev.domain.map_memory(mem, zone=Zone.DMA)
+        assert m.iova % (2 * MiB) == 0 and m.iova + m.size <= 1 << 24
+        with pytest.raises(Exception, match="still mapped for DMA"):
+            mem.close()
+        dev.domain.unmap(m)
+        mem.close()

@@ -16,7 +16,11 @@ pytestmark = pytest.mark.vm
 
 def uvdma(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "uvdma.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "uvdma.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.vm import nvme_by_hand as nvme
 from uvdma import pci
-from uvdma.errors import PciError, UvdmaOSError
+from uvdma.errors import PciError, UvdmaError, UvdmaOSError
 from uvdma.memory import HugeMemory, IovaExhaustedError, Zone, allocate
 from uvdma.memory.hugepages import PAGE_1G, PAGE_2M, HugepagesUnavailableError
 from uvdma.vfio import DmaMapError, Type1Container, VfioDevice, new_domain, open_device
@@ -186,12 +186,12 @@ def test_overlapping_map_and_unknown_unmap_are_refused(dev: VfioDevice) -> None:
 
 def test_memory_cannot_be_freed_while_mapped(dev: VfioDevice) -> None:
     mem = allocate(PAGE_2M)
-    m = dev.domain.map(mem.vaddr, mem.size, owner=mem)
-    mem.mapped_by.add(m)
-    with pytest.raises(Exception, match="still mapped for DMA"):
+    m = dev.domain.map_memory(mem, zone=Zone.DMA32)
+    assert m.iova % PAGE_2M == 0
+    with pytest.raises(UvdmaError, match="still mapped for DMA"):
         mem.close()
+    assert not mem.closed
     dev.domain.unmap(m)
-    mem.mapped_by.discard(m)
     mem.close()
 
 
@@ -256,3 +256,22 @@ def test_hugepages_are_used_and_1g_without_reservation_is_refused() -> None:
         ctypes.memset(mem.vaddr, 1, 16)
     with pytest.raises(HugepagesUnavailableError, match="uvdma hugepages --size 1G"):
         allocate(PAGE_1G, PAGE_1G, fallback=False)
+
+
+def test_the_readme_example_runs() -> None:
+    from uvdma.genalloc import GenPool  # noqa: PLC0415 - as the README writes it
+
+    bdf = str(controllers()[0].address)
+    with open_device(bdf) as dev, allocate(2 << 20) as mem:
+        assert dev.bar(0).read64(0) & 0xFFFF == 2047
+        dev.enable_bus_master()
+        m = dev.domain.map_memory(mem, zone=Zone.DMA32)
+        pool = GenPool(12)
+        pool.add_virt(mem.vaddr, m.iova, mem.size)
+        got = pool.dma_zalloc_align(64 << 10, 64 << 10)
+        assert got is not None
+        vaddr, iova = got
+        assert iova % (64 << 10) == 0 and iova < 1 << 32
+        assert dev.domain.translate(iova) == vaddr
+        pool.free(vaddr, 64 << 10)
+        dev.domain.unmap(m)

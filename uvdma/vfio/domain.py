@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 from uvdma.errors import UvdmaError
+from uvdma.memory.hugepages import HugeMemory
 from uvdma.memory.iova import IovaSpace, Zone
 
 
@@ -136,7 +137,18 @@ class IommuDomain:
         with self._lock:
             self._maps[chosen] = m
             bisect.insort(self._starts, chosen)
+        if isinstance(owner, HugeMemory):
+            owner.mapped_by.add(m)  # the memory now refuses to be freed until unmapped
         return m
+
+    def map_memory(
+        self, mem: HugeMemory, *, zone: Zone = Zone.NORMAL, read: bool = True, write: bool = True
+    ) -> DmaMapping:
+        """Map a whole :class:`HugeMemory` at an IOVA in ``zone``, aligned to its page size
+        (so the IOMMU can use large pages); ``mem`` cannot be closed until it is unmapped."""
+        return self.map(
+            mem.vaddr, mem.size, read=read, write=write, zone=zone, align=mem.page_size, owner=mem
+        )
 
     def unmap(self, mapping: DmaMapping) -> None:
         """Undo :meth:`map`; refuses what this domain never mapped (or already unmapped)."""
@@ -151,6 +163,8 @@ class IommuDomain:
             del self._maps[mapping.iova]
             self._starts.remove(mapping.iova)
         self.iova.free(mapping.iova, mapping.size)
+        if isinstance(mapping.owner, HugeMemory):
+            mapping.owner.mapped_by.discard(mapping)
 
     def mappings(self) -> list[DmaMapping]:
         """The live mappings, by IOVA."""

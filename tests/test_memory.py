@@ -1,0 +1,172 @@
+"""Hugepage memory and the IOVA space: fallbacks, warnings, zones, limits, bad input.
+
+The fake kernel stands in for hugetlb reservations; that the guest's real hugepages
+back DMA is shown in tests/vm/test_vfio.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fake_kernel import FakeKernel
+from uvdma import _sys
+from uvdma.errors import UvdmaError, UvdmaOSError
+from uvdma.memory import hugepages as hp
+from uvdma.memory.iova import MSI_WINDOW, IovaError, IovaExhaustedError, IovaSpace, Zone
+
+MiB = 1 << 20
+GiB = 1 << 30
+RANGES = [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 39) - 1)]
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
+    monkeypatch.setattr(hp, "_warned", set())
+    k = FakeKernel()
+    with _sys.use_kernel(k):
+        yield k
+
+
+def test_2m_pages_when_free(fake: FakeKernel) -> None:
+    with hp.allocate(3 * MiB) as mem:
+        assert (mem.page_size, mem.size, mem.source) == (hp.PAGE_2M, 4 * MiB, "memfd 2M")
+        assert fake.free_hugepages[hp.PAGE_2M] == 14
+    assert fake.free_hugepages[hp.PAGE_2M] == 16  # given back on close
+    assert fake.open_kinds() == []
+
+
+def test_1g_first_for_big_allocations_then_2m(fake: FakeKernel) -> None:
+    fake.free_hugepages[hp.PAGE_2M] = 1024
+    with hp.allocate(GiB) as mem:
+        assert mem.page_size == hp.PAGE_2M  # no 1G page free: fell back
+    fake.free_hugepages[hp.PAGE_1G] = 1
+    with hp.allocate(GiB) as mem:
+        assert mem.page_size == hp.PAGE_1G
+
+
+def test_4k_fallback_warns_once_and_names_the_fix(fake: FakeKernel) -> None:
+    fake.free_hugepages[hp.PAGE_2M] = 0
+    with pytest.warns(RuntimeWarning, match=r"uvdma hugepages --count 64"):
+        mem = hp.allocate(64 * 1024)
+    assert (mem.page_size, mem.source) == (hp.PAGE_4K, "memfd 4K")
+    assert fake.mlocked == 64 * 1024  # locked resident
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hp.allocate(4096).close()  # no second warning
+    mem.close()
+
+
+def test_no_fallback_means_a_clear_error_and_nothing_left_open(fake: FakeKernel) -> None:
+    fake.free_hugepages[hp.PAGE_2M] = 0
+    with pytest.raises(hp.HugepagesUnavailableError, match=r"--size 2M --count N"):
+        hp.allocate(MiB, hp.PAGE_2M, fallback=False)
+    assert fake.open_kinds() == []
+
+
+def test_low_memlock_for_4k_memory_names_the_fix(fake: FakeKernel) -> None:
+    fake.free_hugepages[hp.PAGE_2M] = 0
+    fake.privileged = False
+    fake.memlock = 64 * 1024
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(UvdmaOSError, match=r"RLIMIT_MEMLOCK is 65536"),
+    ):
+        hp.allocate(MiB)
+    assert fake.open_kinds() == []
+
+
+def test_bad_sizes(fake: FakeKernel) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        hp.allocate(0)
+    with pytest.raises(ValueError, match="4K, 2M or 1G"):
+        hp.allocate(MiB, 3 * MiB)
+
+
+def test_physical_address_needs_root(fake: FakeKernel) -> None:
+    assert hp.physical_address(0x7000_0000_1234) == (0x1 << 12 | 0x234) + 0
+    fake.privileged = False
+    with pytest.raises(UvdmaOSError, match="needs root"):
+        hp.physical_address(0x7000_0000_1234)
+
+
+def test_size_names() -> None:
+    assert [hp.size_name(s) for s in (4096, 2 * MiB, GiB, 100)] == ["4K", "2M", "1G", "100B"]
+
+
+# -- the IOVA space ---------------------------------------------------------------------
+
+
+def test_zones_give_addresses_in_their_windows() -> None:
+    s = IovaSpace(RANGES)
+    dma = s.alloc(MiB, MiB, Zone.DMA)
+    dma32 = s.alloc(MiB, MiB, Zone.DMA32)
+    normal = s.alloc(MiB, MiB, Zone.NORMAL)
+    assert dma > 0 and dma + MiB <= 1 << 24
+    assert dma32 >= 1 << 24 and dma32 + MiB <= 1 << 32
+    assert normal >= 1 << 32
+
+
+def test_page_zero_and_the_msi_window_are_never_handed_out() -> None:
+    s = IovaSpace([(0, (1 << 32) - 1)])  # a kernel that did not report the MSI hole
+    assert s.ranges[0][0] == 4096
+    got = [s.alloc(MiB, MiB, Zone.DMA32) for _ in range(4000)]
+    for iova in got:
+        assert iova + MiB <= MSI_WINDOW[0] or iova > MSI_WINDOW[1]
+
+
+def test_fallback_goes_down_never_up_and_limits_hold() -> None:
+    s = IovaSpace([(0, (1 << 32) - 1)])  # nothing above 4 GiB
+    assert s.alloc(MiB, zone=Zone.NORMAL) < 1 << 32  # NORMAL fell back to DMA32
+    small = IovaSpace([(0x10_0000, 0x1FF_FFFF)])  # 1-32 MiB only
+    with pytest.raises(IovaExhaustedError, match="zone DMA"):
+        small.alloc(16 * MiB, zone=Zone.DMA)
+    iova = small.alloc(MiB, zone=Zone.DMA32, limit=(1 << 25) - 1)
+    assert iova + MiB - 1 <= (1 << 25) - 1
+
+
+def test_exhaustion_then_reuse_after_free() -> None:
+    s = IovaSpace([(0, (1 << 24) - 1)])
+    blocks = [s.alloc(2 * MiB, 2 * MiB, Zone.DMA) for _ in range(7)]
+    with pytest.raises(IovaExhaustedError, match=r"unmap memory you no longer need"):
+        s.alloc(2 * MiB, 2 * MiB, Zone.DMA)
+    s.free(blocks[3], 2 * MiB)
+    assert s.alloc(2 * MiB, 2 * MiB, Zone.DMA) == blocks[3]
+
+
+def test_bad_frees_and_reservations() -> None:
+    s = IovaSpace(RANGES)
+    a = s.alloc(MiB)
+    with pytest.raises(IovaError, match="not given out"):
+        s.free(a, 2 * MiB)
+    s.free(a, MiB)
+    with pytest.raises(IovaError, match="not given out"):
+        s.free(a, MiB)
+    s.reserve(0x4000_0000, MiB)
+    with pytest.raises(IovaError, match="not free"):
+        s.reserve(0x4000_0000 + 4096, 4096)
+    with pytest.raises(IovaError, match="not free"):
+        s.reserve(0xFEE0_0000, 4096)
+    with pytest.raises(IovaError, match="power of two"):
+        s.alloc(4096, 3000)
+
+
+def test_zone_for_mask_follows_dma_direct() -> None:
+    assert Zone.for_mask((1 << 24) - 1) is Zone.DMA
+    assert Zone.for_mask((1 << 28) - 1) is Zone.DMA32
+    assert Zone.for_mask((1 << 32) - 1) is Zone.DMA32
+    assert Zone.for_mask((1 << 64) - 1) is Zone.NORMAL
+    with pytest.raises(IovaError, match="narrower than 24 bits"):
+        Zone.for_mask((1 << 20) - 1)
+
+
+def test_memory_refuses_to_close_while_mapped(fake: FakeKernel) -> None:
+    mem = hp.allocate(MiB)
+    mem.mapped_by.add("mapping")
+    with pytest.raises(UvdmaError, match="still mapped for DMA"):
+        mem.close()
+    mem.mapped_by.clear()
+    mem.close()
+    mem.close()  # idempotent
