@@ -1,0 +1,387 @@
+"""The DMA API against the fake kernel: pool.c's choices, dma-direct's zones and retries,
+streaming maps, dma_pool, DMA-API debugging, and every refusal leaving the pools as they were.
+
+That a device really DMAs into this memory is proven in tests/vm/test_dma.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.counting_kernel import CountingKernel
+from tests.fake_kernel import FakeKernel
+from tests.fake_sysfs import make_device
+from uvdma import _sys, pci
+from uvdma.dma import (
+    DMA_BIDIRECTIONAL,
+    DMA_BIT_MASK,
+    DMA_FROM_DEVICE,
+    DMA_TO_DEVICE,
+    GFP_ATOMIC,
+    GFP_DMA,
+    GFP_DMA32,
+    GFP_KERNEL,
+    DmaAllocError,
+    DmaApiError,
+    DmaBuffer,
+    DmaDevice,
+    DmaMaskError,
+    dma_alloc_coherent,
+    dma_free_coherent,
+    dma_map_sg,
+    dma_map_single,
+    dma_pool_create,
+    dma_set_coherent_mask,
+    dma_set_mask,
+    dma_set_mask_and_coherent,
+    dma_sync_single_for_cpu,
+    dma_sync_single_for_device,
+    dma_unmap_sg,
+    dma_unmap_single,
+    is_bounced,
+    memparse,
+)
+from uvdma.dma.debug import POISON_FREE
+from uvdma.dma.pool import default_pool_size, resolve_pool_size
+from uvdma.vfio import VfioDevice, open_device
+
+BDF = "0000:00:09.0"
+KiB, MiB = 1 << 10, 1 << 20
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[tuple[FakeKernel, VfioDevice]]:
+    make_device(tmp_path, BDF, pci.NVME_CLASS, 9, "vfio-pci", cdev=0)
+    k = FakeKernel()
+    k.add_device(BDF, 9, 0)
+    k.free_hugepages[2 * MiB] = 64
+    with _sys.use_kernel(k):
+        vd = open_device(BDF, sysfs=tmp_path, backend="type1")
+        yield k, vd
+        vd.close()
+        assert k.open_kinds() == []  # every mapping, memfd and fd released
+        assert k.pinned == 0
+
+
+@pytest.fixture
+def dev(fake: tuple[FakeKernel, VfioDevice]) -> Iterator[DmaDevice]:
+    d = DmaDevice(fake[1], coherent_pool="256K", debug=True)
+    yield d
+    assert d.close() == []  # no leaks
+
+
+def state(dev: DmaDevice) -> tuple[dict[str, int], dict[str, int], int]:
+    """Everything a bad call must leave unchanged."""
+    return dev.ctx.pools.avail(), dev.ctx.pages.mapped_bytes(), len(dev.domain.mappings())
+
+
+# -- the atomic pools -----------------------------------------------------------------------
+
+
+def test_pool_size_from_argument_environment_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (
+        memparse("512K") == 512 * KiB and memparse("4M") == 4 * MiB and memparse("0x1000") == 4096
+    )
+    with pytest.raises(Exception, match=r"e\.g\. 512K"):
+        memparse("lots")
+    assert resolve_pool_size("1M") == MiB
+    monkeypatch.setenv("UVDMA_COHERENT_POOL", "768K")
+    assert resolve_pool_size() == 768 * KiB
+    monkeypatch.delenv("UVDMA_COHERENT_POOL")
+    # pool.c: 128 KiB per GiB, at least 128 KiB, at most MAX_PAGE_ORDER (4 MiB)
+    assert default_pool_size(512 * MiB) == 128 * KiB
+    assert default_pool_size(8 << 30) == MiB
+    assert default_pool_size(64 << 30) == 4 * MiB
+
+
+def test_three_pools_in_their_zones_with_debugfs_sizes(dev: DmaDevice) -> None:
+    pools = dev.ctx.pools
+    assert pools.stats() == {
+        "pool_size_dma": 256 * KiB,
+        "pool_size_dma32": 256 * KiB,
+        "pool_size_kernel": 256 * KiB,
+    }
+    for pool, lo, hi in (
+        (pools.dma, 0, 1 << 24),
+        (pools.dma32, 1 << 24, 1 << 32),
+        (pools.kernel, 1 << 32, 1 << 64),
+    ):
+        assert pool is not None
+        vaddr = pool.alloc(4096)
+        assert lo <= pool.virt_to_phys(vaddr) < hi
+        pool.free(vaddr, 4096)
+
+
+def test_guess_pool_order_and_fallback(dev: DmaDevice) -> None:
+    p = dev.ctx.pools
+    assert p.guess_pool(None, GFP_DMA) is p.dma
+    assert p.guess_pool(None, GFP_DMA32) is p.dma32
+    assert p.guess_pool(None, 0) is p.kernel
+    assert p.guess_pool(p.kernel, 0) is p.dma32
+    assert p.guess_pool(p.dma32, 0) is p.dma
+    assert p.guess_pool(p.dma, 0) is None
+    assert p.sequence[0] == (p.kernel, p.dma32, p.dma)
+    assert p.sequence[GFP_DMA] == (p.dma,)
+
+
+def test_phys_addr_ok_refusal_gives_the_memory_back(dev: DmaDevice) -> None:
+    p = dev.ctx.pools
+    before = p.avail()
+    assert p.alloc_from_pool(4096, 0, lambda dma, n: False) is None
+    assert p.avail() == before
+    got = p.alloc_from_pool(4096, 0, lambda dma, n: dma < 1 << 32)  # falls back to dma32
+    assert got is not None and (1 << 24) <= got[1] < 1 << 32
+    assert p.free_from_pool(got[0], 4096) is True
+    assert p.free_from_pool(0x1234000, 4096) is False  # not pool memory
+
+
+def test_worker_expands_a_pool_that_runs_low(dev: DmaDevice) -> None:
+    p = dev.ctx.pools
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))  # the kernel pool serves 64-bit masks
+    held = [dma_alloc_coherent(dev, 64 * KiB, GFP_ATOMIC) for _ in range(3)]  # 192K of 256K
+    try:
+        assert p.flush(10)
+        assert p.pool_size["kernel"] == 512 * KiB  # a chunk the size of the pool was added
+        assert p.pool_size["dma32"] == 256 * KiB  # the others did not need to grow
+        assert p.expansions == 1
+    finally:
+        for cpu, dma in held:
+            dma_free_coherent(dev, 64 * KiB, cpu, dma)
+
+
+def test_atomic_allocations_make_no_system_call(fake: tuple[FakeKernel, VfioDevice]) -> None:
+    k, vd = fake
+    counting = CountingKernel(k)
+    with _sys.use_kernel(counting):
+        dev = DmaDevice(vd, coherent_pool="1M")
+        dev.ctx.pools.flush()
+        counting.calls.clear()
+        for _ in range(50):
+            cpu, dma = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)
+            dma_free_coherent(dev, 4096, cpu, dma)
+        assert counting.calls == {}
+        dma_alloc_coherent(dev, 3 * MiB, GFP_KERNEL)  # the blocking path does map memory
+        assert counting.calls.get("ioctl", 0) >= 1
+
+
+# -- masks and zones -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [24, 32, 36, 64])
+@pytest.mark.parametrize("gfp", [GFP_KERNEL, GFP_ATOMIC])
+def test_every_coherent_address_fits_the_mask(dev: DmaDevice, bits: int, gfp: int) -> None:
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(bits))
+    held = []
+    for size in (1, 4096, 5000, 64 * KiB):
+        cpu, dma = dma_alloc_coherent(dev, size, gfp)
+        assert dma + size - 1 <= DMA_BIT_MASK(bits)
+        assert ctypes.string_at(cpu, size) == bytes(size)  # zeroed
+        held.append((size, cpu, dma))
+    for size, cpu, dma in held:
+        dma_free_coherent(dev, size, cpu, dma)
+
+
+def test_default_masks_are_32_bits_and_an_impossible_mask_changes_nothing(dev: DmaDevice) -> None:
+    assert dev.dma_mask == dev.coherent_dma_mask == DMA_BIT_MASK(32)
+    for setter in (dma_set_mask, dma_set_coherent_mask, dma_set_mask_and_coherent):
+        with pytest.raises(DmaMaskError, match="no usable IOVA range"):
+            setter(dev, DMA_BIT_MASK(20))
+    assert dev.dma_mask == dev.coherent_dma_mask == DMA_BIT_MASK(32)
+
+
+def test_a_36_bit_mask_retries_in_dma32(fake: tuple[FakeKernel, VfioDevice]) -> None:
+    # The optimal zone for a 36-bit mask is NORMAL.  With NORMAL's IOVAs below 2**36
+    # taken, its pages lie above the mask, dma_coherent_ok fails, and the allocation is
+    # retried in DMA32, as __dma_direct_alloc_pages does.
+    iova = fake[1].domain.iova
+    iova.reserve(1 << 32, (1 << 36) - (1 << 32))
+    dev = DmaDevice(fake[1], coherent_pool="256K", debug=True)
+    dma_set_coherent_mask(dev, DMA_BIT_MASK(36))
+    cpu, dma = dma_alloc_coherent(dev, 8192)
+    assert (1 << 24) <= dma < 1 << 32
+    dma_free_coherent(dev, 8192, cpu, dma)
+    assert dev.ctx.pages.mapped_bytes()["NORMAL"] > 0  # NORMAL was tried first
+    assert dev.close() == []
+
+
+# -- bad input: clear errors, pools unchanged ------------------------------------------------
+
+
+def test_size_zero_and_sizes_larger_than_any_zone(dev: DmaDevice) -> None:
+    before = state(dev)
+    with pytest.raises(ValueError, match="size must be positive"):
+        dma_alloc_coherent(dev, 0)
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(24))
+    with pytest.raises(DmaAllocError, match="no DMA memory within mask 0xffffff"):
+        dma_alloc_coherent(dev, 32 * MiB)
+    with pytest.raises(DmaAllocError, match="atomic pools have no"):
+        dma_alloc_coherent(dev, 2 * MiB, GFP_ATOMIC)
+    assert state(dev) == before
+
+
+def test_bad_frees_are_refused_with_the_allocating_call_site(dev: DmaDevice) -> None:
+    cpu, dma = dma_alloc_coherent(dev, 8192, GFP_ATOMIC)
+    before = state(dev)
+    with pytest.raises(
+        DmaApiError, match=r"size 4096, allocated 8192 \(allocated at .*test_dma.py"
+    ):
+        dma_free_coherent(dev, 4096, cpu, dma)
+    with pytest.raises(DmaApiError, match="cpu address"):
+        dma_free_coherent(dev, 8192, cpu + 4096, dma)
+    with pytest.raises(DmaApiError, match="no such allocation"):
+        dma_free_coherent(dev, 8192, cpu, dma + 0x10000)
+    assert state(dev) == before
+    dma_free_coherent(dev, 8192, cpu, dma)
+    with pytest.raises(DmaApiError, match=r"already freed at .*test_dma.py.*double free"):
+        dma_free_coherent(dev, 8192, cpu, dma)
+
+
+def test_freed_memory_is_poisoned_and_leaks_are_listed(fake: tuple[FakeKernel, VfioDevice]) -> None:
+    dev = DmaDevice(fake[1], coherent_pool="256K", debug=True)
+    cpu, dma = dma_alloc_coherent(dev, 4096)
+    ctypes.memset(cpu, 0x11, 4096)
+    dma_free_coherent(dev, 4096, cpu, dma)
+    assert ctypes.string_at(cpu, 4) == bytes([POISON_FREE]) * 4
+    leaked = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)
+    lines = dev.close()
+    assert len(lines) == 1 and f"leaked coherent dma {leaked[1]:#x} size 4096" in lines[0]
+    assert "test_dma.py" in lines[0]
+    dma_free_coherent(dev, 4096, *leaked)
+
+
+def test_without_debugging_the_checks_still_hold(fake: tuple[FakeKernel, VfioDevice]) -> None:
+    dev = DmaDevice(fake[1], coherent_pool="256K", debug=False)
+    cpu, dma = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)
+    with pytest.raises(DmaApiError, match="size 8192, allocated 4096"):
+        dma_free_coherent(dev, 8192, cpu, dma)
+    dma_free_coherent(dev, 4096, cpu, dma)
+    with pytest.raises(DmaApiError, match="already freed: a double free"):
+        dma_free_coherent(dev, 4096, cpu, dma)
+
+
+def test_dma_buffer_views_and_context(dev: DmaDevice) -> None:
+    with DmaBuffer(dev, 4096) as buf:
+        arr = buf.array(np.uint32)
+        arr[:] = np.arange(1024, dtype=np.uint32)
+        assert buf.cpu[4:8].tobytes() == (1).to_bytes(4, "little")
+        assert buf.dma + buf.size - 1 <= dev.coherent_dma_mask
+    assert dev.debug.leaks() == []
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+def device_writes(dev: DmaDevice, dma: int, data: bytes) -> None:
+    """Stand-in for the device writing at an IOVA: through the domain's translation."""
+    vaddr = dev.domain.translate(dma)
+    assert vaddr is not None
+    ctypes.memmove(vaddr, data, len(data))
+
+
+def test_small_or_unaligned_buffers_bounce_and_copy_back(dev: DmaDevice) -> None:
+    buf = bytearray(b"x" * 1000)
+    dma = dma_map_single(dev, buf, DMA_BIDIRECTIONAL)
+    assert is_bounced(dev, dma)
+    assert ctypes.string_at(dev.domain.translate(dma) or 0, 3) == b"xxx"  # copied in
+    device_writes(dev, dma, b"dev")
+    assert buf[:3] == b"xxx"
+    dma_sync_single_for_cpu(dev, dma, 1000, DMA_BIDIRECTIONAL)
+    assert buf[:3] == b"dev"
+    buf[:3] = b"cpu"
+    dma_sync_single_for_device(dev, dma, 1000, DMA_BIDIRECTIONAL)
+    assert ctypes.string_at(dev.domain.translate(dma) or 0, 3) == b"cpu"
+    device_writes(dev, dma, b"end")
+    dma_unmap_single(dev, dma, 1000, DMA_BIDIRECTIONAL)
+    assert buf[:3] == b"end"
+
+
+def test_large_page_aligned_buffers_are_mapped_in_place(dev: DmaDevice) -> None:
+    with mmap.mmap(-1, 128 * KiB) as m:
+        arr = np.frombuffer(m, dtype=np.uint8)
+        dma = dma_map_single(dev, arr, DMA_FROM_DEVICE)
+        assert not is_bounced(dev, dma)
+        assert dev.domain.translate(dma) == arr.ctypes.data
+        assert dma + arr.nbytes - 1 <= dev.dma_mask
+        perms = [(m.read, m.write) for m in dev.domain.mappings() if m.iova == dma]
+        assert perms == [(False, True)]  # the device may only write it
+        dma_unmap_single(dev, dma, arr.nbytes, DMA_FROM_DEVICE)
+        del arr
+
+
+def test_read_only_buffer_for_the_device_to_write_is_refused(dev: DmaDevice) -> None:
+    before = state(dev)
+    with pytest.raises(DmaApiError, match="read-only buffer for the device to write"):
+        dma_map_single(dev, b"immutable", DMA_FROM_DEVICE)
+    dma = dma_map_single(dev, b"immutable", DMA_TO_DEVICE)  # reading it is fine
+    dma_unmap_single(dev, dma, 9, DMA_TO_DEVICE)
+    assert state(dev) == before
+
+
+def test_unmap_checks_handle_size_and_direction(dev: DmaDevice) -> None:
+    buf = bytearray(64)
+    dma = dma_map_single(dev, buf, DMA_TO_DEVICE)
+    with pytest.raises(DmaApiError, match="direction 2, mapped with 1"):
+        dma_unmap_single(dev, dma, 64, DMA_FROM_DEVICE)
+    with pytest.raises(DmaApiError, match="no such allocation or mapping"):
+        dma_unmap_single(dev, dma + 4096, 64, DMA_TO_DEVICE)
+    dma_unmap_single(dev, dma, 64, DMA_TO_DEVICE)
+
+
+def test_scatter_gather_is_all_or_nothing(dev: DmaDevice) -> None:
+    before = state(dev)
+    with pytest.raises(DmaApiError, match="read-only"):
+        dma_map_sg(dev, [bytearray(100), b"ro", bytearray(10)], DMA_FROM_DEVICE)
+    assert state(dev) == before
+    sg = dma_map_sg(dev, [bytearray(100), bytearray(5000)], DMA_BIDIRECTIONAL)
+    assert [n for _, n in sg] == [100, 5000]
+    with pytest.raises(DmaApiError, match="size 99"):
+        dma_unmap_sg(dev, [(sg[0][0], 99), sg[1]], DMA_BIDIRECTIONAL)
+    dma_unmap_sg(dev, sg, DMA_BIDIRECTIONAL)
+    assert state(dev) == before
+
+
+# -- dma_pool --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "align", "boundary"), [(64, 64, 0), (24, 8, 256), (4096, 4096, 0), (100, 4, 512)]
+)
+def test_dma_pool_blocks_are_aligned_and_never_cross_the_boundary(
+    dev: DmaDevice, size: int, align: int, boundary: int
+) -> None:
+    pool = dma_pool_create("test", dev, size, align, boundary)
+    blocks = [pool.alloc() for _ in range(200)]
+    bound = pool.boundary
+    assert len({b[1] for b in blocks}) == 200
+    for vaddr, dma in blocks:
+        assert dma % align == 0 and vaddr % align == 0
+        assert dma // bound == (dma + pool.size - 1) // bound
+        assert dma + pool.size - 1 <= dev.coherent_dma_mask
+    for b in blocks:
+        pool.free(*b)
+    pool.destroy()
+
+
+def test_dma_pool_refusals(dev: DmaDevice) -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        dma_pool_create("bad", dev, 64, 3, 0)
+    with pytest.raises(ValueError, match="at least the block size"):
+        dma_pool_create("bad", dev, 512, 8, 256)
+    pool = dma_pool_create("prp", dev, 64, 64, 0)
+    vaddr, dma = pool.zalloc()
+    assert ctypes.string_at(vaddr, 64) == bytes(64)
+    with pytest.raises(DmaApiError, match="still out"):
+        pool.destroy()
+    pool.free(vaddr, dma)
+    with pytest.raises(DmaApiError, match="double free"):
+        pool.free(vaddr, dma)
+    with pytest.raises(DmaApiError, match="not a block this pool has out"):
+        pool.free(vaddr + 64, dma + 64)
+    assert pool.blocks_out() == 0
+    pool.destroy()
