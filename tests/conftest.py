@@ -12,6 +12,9 @@ from hypothesis import settings
 
 IN_VM = os.environ.get("UVDMA_IN_VM") == "1"
 
+# DMA-API debugging (call sites, poison, leak reports) is on for the whole suite.
+os.environ.setdefault("UVDMA_DMA_DEBUG", "1")
+
 # The guest's root filesystem is read-only: no example database there.
 settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=100, deadline=None)

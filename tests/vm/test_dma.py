@@ -1,0 +1,161 @@
+"""The DMA API against the real kernel in the guest: the device DMAs into memory from
+every path, under 64-, 32- and 24-bit masks; atomic allocations race the refill worker;
+the cannot-block path makes no system call."""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from tests.counting_kernel import CountingKernel
+from tests.vm import nvme_by_hand as nvme
+from uvdma import _sys, pci
+from uvdma.dma import (
+    DMA_BIT_MASK,
+    DMA_FROM_DEVICE,
+    GFP_ATOMIC,
+    GFP_KERNEL,
+    DmaDevice,
+    dma_alloc_coherent,
+    dma_free_coherent,
+    dma_map_single,
+    dma_pool_create,
+    dma_set_mask_and_coherent,
+    dma_sync_single_for_cpu,
+    dma_unmap_single,
+    is_bounced,
+)
+from uvdma.vfio import VfioDevice, open_device
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def vdev() -> Iterator[VfioDevice]:
+    with open_device(pci.nvme_controllers()[0].address) as d:
+        yield d
+
+
+def check_identify(data: bytes) -> None:
+    assert data[0:2] == b"\x36\x1b"
+    assert data[24:64].decode().strip() == "QEMU NVMe Ctrl"
+
+
+@pytest.mark.parametrize("bits", [64, 32, 24])
+def test_device_dmas_into_every_kind_of_dma_memory_within_the_mask(
+    vdev: VfioDevice, bits: int
+) -> None:
+    dev = DmaDevice(vdev, coherent_pool="512K")
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(bits))
+    mask = DMA_BIT_MASK(bits)
+    sq = dma_alloc_coherent(dev, 4096, GFP_KERNEL)  # dma-direct: the page allocator
+    cq = dma_alloc_coherent(dev, 4096, GFP_KERNEL)
+    assert sq[1] + 4095 <= mask and cq[1] + 4095 <= mask
+
+    # data into an atomic-pool allocation
+    data = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)
+    assert data[1] + 4095 <= mask
+    check_identify(nvme.identify_controller(vdev, nvme.Placement(sq, cq, data)))
+    nvme.disable(vdev)
+
+    # data into a dma_pool block (what PRP lists come from)
+    pool = dma_pool_create("identify", dev, 4096, 4096, 0)
+    block = pool.alloc()
+    assert block[1] + 4095 <= mask
+    check_identify(nvme.identify_controller(vdev, nvme.Placement(sq, cq, block)))
+    nvme.disable(vdev)
+    pool.free(*block)
+    pool.destroy()
+
+    # data into the caller's numpy array, bounced (4 KiB is below the direct threshold)
+    arr = np.zeros(4096, dtype=np.uint8)
+    handle = dma_map_single(dev, arr, DMA_FROM_DEVICE)
+    assert is_bounced(dev, handle) and handle + 4095 <= mask
+    out = nvme.identify_controller(vdev, nvme.Placement(sq, cq, (int(arr.ctypes.data), handle)))
+    assert out[:2] == b"\xa5\xa5"  # the device wrote the bounce buffer; the array waits for sync
+    dma_sync_single_for_cpu(dev, handle, 4096, DMA_FROM_DEVICE)
+    check_identify(arr.tobytes())
+    nvme.disable(vdev)
+    dma_unmap_single(dev, handle, 4096, DMA_FROM_DEVICE)
+
+    # data into a page-aligned 64 KiB mmap, mapped in place
+    with mmap.mmap(-1, 64 * 1024) as m:
+        big = np.frombuffer(m, dtype=np.uint8)
+        handle = dma_map_single(dev, big, DMA_FROM_DEVICE)
+        assert not is_bounced(dev, handle) and handle + len(big) - 1 <= mask
+        vaddr = int(big.ctypes.data)
+        out = nvme.identify_controller(vdev, nvme.Placement(sq, cq, (vaddr, handle)))
+        check_identify(out)  # the device wrote the caller's own pages
+        nvme.disable(vdev)
+        dma_unmap_single(dev, handle, len(big), DMA_FROM_DEVICE)
+        del big
+
+    for cpu, dma in (sq, cq, data):
+        dma_free_coherent(dev, 4096, cpu, dma)
+    assert dev.close() == []
+
+
+def test_atomic_allocations_from_threads_while_the_worker_expands(vdev: VfioDevice) -> None:
+    dev = DmaDevice(vdev, coherent_pool="128K")
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))
+    pools = dev.ctx.pools
+    start_size = pools.pool_size["kernel"]
+    held: list[list[tuple[int, int, int]]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(300):
+                size = 4096 << ((i + k) % 3)
+                try:
+                    cpu, dma = dma_alloc_coherent(dev, size, GFP_ATOMIC)
+                except MemoryError:
+                    continue  # pool exhausted before the worker caught up: the kernel's NULL
+                held[k].append((cpu, dma, size))
+                if len(held[k]) > 12:
+                    c, d, s = held[k].pop(0)
+                    dma_free_coherent(dev, s, c, d)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pools.flush(60)
+    assert not errors
+    live = sorted((dma, dma + size) for h in held for _, dma, size in h)
+    for (_, end), (nxt, _) in itertools.pairwise(live):
+        assert end <= nxt, "two threads got overlapping DMA memory"
+    outstanding = sum(size for h in held for _, _, size in h)
+    sizes = pools.pool_size
+    avail = pools.avail()
+    assert sum(sizes.values()) - sum(avail.values()) == outstanding  # nothing lost
+    assert sizes["kernel"] > start_size and pools.expansions >= 1  # it did expand meanwhile
+    for h in held:
+        for cpu, dma, size in h:
+            dma_free_coherent(dev, size, cpu, dma)
+    assert pools.avail() == sizes
+    assert dev.close() == []
+
+
+def test_the_cannot_block_path_makes_no_system_call(vdev: VfioDevice) -> None:
+    counting = CountingKernel(_sys.kernel())
+    dev = DmaDevice(vdev, coherent_pool="1M")
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(32))
+    dev.ctx.pools.flush()
+    with _sys.use_kernel(counting):
+        for _ in range(200):
+            cpu, dma = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)
+            dma_free_coherent(dev, 4096, cpu, dma)
+        assert counting.calls == {}
+        big = dma_alloc_coherent(dev, 4 << 20, GFP_KERNEL)  # blocking, larger than a chunk
+        assert counting.calls.get("ioctl", 0) >= 1 and counting.calls.get("mmap", 0) >= 1
+        dma_free_coherent(dev, 4 << 20, *big)
+    assert dev.close() == []
