@@ -58,11 +58,11 @@ setup_venv() {
     want="$(cat "$UVDMA_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
     stamp="$VENV/.uvdma-installed"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] ||
-        ! "$VENV/bin/python" -c 'import uvdma, pytest, hypothesis, mypy, virtme_ng' 2>/dev/null; then
+        ! "$VENV/bin/python" -c 'import uvdma, pytest, hypothesis, mypy, virtme_ng, matplotlib' 2>/dev/null; then
         say "installing uvdma and its test tools into .venv"
         if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
             "$VENV/bin/python" -m pip install --disable-pip-version-check \
-                -e "$UVDMA_ROOT[test,vm,dev]"; } >"$VENV/pip.log" 2>&1; then
+                -e "$UVDMA_ROOT[test,vm,dev,plot]"; } >"$VENV/pip.log" 2>&1; then
             tail -n 30 "$VENV/pip.log" >&2
             echo "uvdma: installing into .venv failed; the whole log is $VENV/pip.log" >&2
             return 1

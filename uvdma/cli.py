@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from uvdma import __version__, doctor, pci, vm
+from uvdma.bench import dma as bench_dma
 from uvdma.bench import genalloc as bench_genalloc
 from uvdma.bench import map as bench_map
 from uvdma.errors import UvdmaError
@@ -91,6 +92,10 @@ def _cmd_hugepages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_dma(args: argparse.Namespace) -> int:
+    return bench_dma.main(args.device, json_out=args.json, plot_path=args.plot, quick=args.quick)
+
+
 def _cmd_bench_map(args: argparse.Namespace) -> int:
     return bench_map.main(args.device, json_out=args.json, budget_s=args.seconds)
 
@@ -145,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     map_p.add_argument("--json", action="store_true")
     map_p.add_argument("--seconds", type=float, default=2.0, help="time budget per size")
     map_p.set_defaults(func=_cmd_bench_map)
+    dma_p = bench_sub.add_parser("dma", help="DMA API latencies beside a no-op anchor")
+    dma_p.add_argument("--device", metavar="BDF", help="default: the first vfio-pci device")
+    dma_p.add_argument("--json", action="store_true")
+    dma_p.add_argument("--plot", metavar="FILE.png", help="write a latency histogram")
+    dma_p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    dma_p.set_defaults(func=_cmd_bench_dma)
     return parser
 
 

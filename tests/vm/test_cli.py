@@ -93,3 +93,23 @@ def test_bench_map_runs_on_the_emulated_iommu() -> None:
     for x in sizes.values():
         assert 0 < x["anchor_median_us"] < x["median_us"] <= x["p99_us"]
     assert "skipping 1G" in r.stderr  # no 1 GiB page reserved in this guest
+
+
+def test_bench_dma_reports_every_case_and_draws_the_histogram(tmp_path: Path) -> None:
+    png = tmp_path / "dma.png"
+    r = uvdma("bench", "dma", "--json", "--quick", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    cases = {x["case"]: x for x in report["results"]}
+    assert set(cases) == {
+        "coherent 4K atomic",
+        "coherent 4K kernel",
+        "coherent 4M kernel (maps)",
+        "dma_pool 4K",
+        "map_single 4K bounce",
+        "map_single 64K direct",
+    }
+    for x in cases.values():
+        assert 0 < x["anchor_ns"] < x["median_ns"] <= x["p99_ns"] * 10
+    assert set(report["goals"]) == {"coherent 4K atomic", "dma_pool 4K"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
