@@ -3,7 +3,9 @@
 1. Find the NVMe controllers and show who owns them.
 2. Take them from the kernel's nvme driver: bind them to vfio-pci.
 3. Show their IOMMU groups and the VFIO group devices that binding created.
-4. Put genalloc to work on real memory, the way the DMA layer will.
+4. Open one through VFIO and read its registers.
+5. Ask the DMA API for memory under 24-, 32- and 64-bit masks, as a driver would.
+6. Put genalloc to work on real memory.
 
 Run it as root on any machine with an IOMMU (``modprobe vfio-pci`` first):
 ``python examples/tour.py [--device BDF ...]``.
@@ -17,8 +19,19 @@ import mmap
 import sys
 
 from uvdma import pci
+from uvdma.dma import (
+    DMA_BIT_MASK,
+    GFP_ATOMIC,
+    GFP_KERNEL,
+    DmaDevice,
+    dma_alloc_coherent,
+    dma_free_coherent,
+    dma_pool_create,
+    dma_set_mask_and_coherent,
+)
 from uvdma.errors import GenPoolError, UvdmaError
 from uvdma.genalloc import GenPool, best_fit, first_fit_order_align
+from uvdma.vfio import open_device
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -51,6 +64,42 @@ def show_groups(devices: list[pci.PciDevice]) -> None:
         node = pci.vfio_group_path(group)
         viable = "viable" if not pci.group_blockers(group) else "NOT viable"
         print(f"  group {group}: {members}  ({viable}; {node} exists: {node.exists()})")
+
+
+def registers_and_dma(address: pci.PciAddress) -> None:
+    print(f"\nOpening {address} through VFIO:")
+    with open_device(address) as vdev:
+        bar = vdev.bar(0)
+        cap, vs = bar.read64(0x00), bar.read32(0x08)  # NVMe CAP and VS, one load each
+        print(f"  backend {vdev.backend}; BAR0 {bar.size // KiB} KiB mmap'd")
+        print(
+            f"  CAP {cap:#018x}: up to {(cap & 0xFFFF) + 1} entries a queue, "
+            f"ready within {((cap >> 24) & 0xFF) * 500} ms; NVMe {vs >> 16}.{(vs >> 8) & 0xFF}"
+        )
+        ranges = ", ".join(f"{a:#x}-{b:#x}" for a, b in vdev.domain.iova_ranges())
+        print(f"  usable IOVA ranges: {ranges} (the MSI window is the hole)")
+
+        print("\nThe DMA API, as a driver uses it (every address + size - 1 <= the mask):")
+        dev = DmaDevice(vdev)
+        for bits in (24, 32, 64):
+            dma_set_mask_and_coherent(dev, DMA_BIT_MASK(bits))
+            queue = dma_alloc_coherent(dev, 64 * KiB, GFP_KERNEL)  # may map memory
+            atomic = dma_alloc_coherent(dev, 4 * KiB, GFP_ATOMIC)  # never a system call
+            print(
+                f"  {bits}-bit mask: a 64 KiB queue at dma {queue[1]:#x}, "
+                f"4 KiB from the atomic pools at dma {atomic[1]:#x}"
+            )
+            dma_free_coherent(dev, 4 * KiB, *atomic)
+            dma_free_coherent(dev, 64 * KiB, *queue)
+        prp = dma_pool_create("prp-lists", dev, 4096, 4096, 0)
+        block = prp.alloc()
+        print(f"  a PRP list page from a dma_pool at dma {block[1]:#x}")
+        prp.free(*block)
+        prp.destroy()
+        stats = ", ".join(f"{k} {v // KiB} KiB" for k, v in dev.ctx.pools.stats().items())
+        print(f"  atomic pools (debugfs dma_pools/): {stats}")
+        leaks = dev.close()
+        print(f"  DMA-API check at close: {len(leaks)} leaks")
 
 
 def genalloc_at_work() -> None:
@@ -107,6 +156,7 @@ def main() -> int:
         show_controllers(devices)
         take_from_kernel(devices)
         show_groups(devices)
+        registers_and_dma(devices[0].address)
         genalloc_at_work()
     except UvdmaError as e:
         print(f"tour: {e}", file=sys.stderr)
