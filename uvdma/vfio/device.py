@@ -289,6 +289,10 @@ class VfioDevice:
             )
         _ioctl.call(self.fd, V.VFIO_DEVICE_SET_IRQS, buf, f"{self.address} SET_IRQS", {})
 
+    def enabled_vectors(self, index: int = V.PciIrq.VFIO_PCI_MSIX_IRQ_INDEX) -> int:
+        """How many vectors of an interrupt type :meth:`enable_irqs` bound to eventfds."""
+        return len(self._irq_fds.get(index, ()))
+
     def wait_irq(
         self, vector: int, timeout: float, index: int = V.PciIrq.VFIO_PCI_MSIX_IRQ_INDEX
     ) -> int:

@@ -1,0 +1,49 @@
+"""Identify an NVMe controller and its namespaces: what a person wants to know about a drive.
+
+python examples/nvme/identify.py --device 0000:01:00.0   (bound to vfio-pci; root)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nvme import Controller, NvmeError
+
+from uvdma.errors import UvdmaError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", required=True, metavar="BDF")
+    args = parser.parse_args()
+    try:
+        with Controller.open(args.device) as ctrl:
+            vs = ctrl.bar.read32(0x08)
+            print(f"controller {args.device}: {ctrl.model}")
+            print(f"  serial {ctrl.serial}, firmware {ctrl.firmware}")
+            print(f"  NVMe {vs >> 16}.{(vs >> 8) & 0xFF}, queues of up to {ctrl.mqes} entries")
+            print(f"  largest transfer (MDTS) {ctrl.max_transfer // 1024} KiB")
+            print(f"  namespaces: {ctrl.nn} supported, active {ctrl.active_namespaces()}")
+            for nsid in ctrl.active_namespaces():
+                ns = ctrl.namespace(nsid)
+                mib = ns.size / 2**20
+                print(
+                    f"  namespace {nsid}: {ns.blocks} blocks of {ns.lba_size} bytes = {mib:.1f} MiB"
+                )
+            smart = ctrl.smart()
+            celsius = smart["temperature_k"] - 273
+            print(
+                f"  health: {celsius} C, spare {smart['available_spare_pct']}%, "
+                f"used {smart['percentage_used']}%, critical warning {smart['critical_warning']:#x}"
+            )
+            errors = ctrl.error_log()
+            print(f"  error log: {len(errors)} entries")
+    except (NvmeError, UvdmaError, TimeoutError) as e:
+        print(f"identify: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
