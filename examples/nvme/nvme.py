@@ -40,6 +40,7 @@ from uvdma.dma import (
 )
 from uvdma.errors import UvdmaError
 from uvdma.vfio import Bar, VfioDevice, open_device
+from uvdma.vfio.faults import IommuFault, IommuFaultLog
 
 PAGE = 4096  # CC.MPS = 0: memory pages of 4 KiB
 
@@ -274,7 +275,14 @@ class QueuePair:
                 f"{what}: {nblocks * ns.lba_size} bytes exceed the controller's MDTS "
                 f"({self.ctrl.max_transfer} bytes): split it (read()/write() do)"
             )
-        prp1, prp2, lists = self._prps(dma, nblocks * ns.lba_size)
+        length = nblocks * ns.lba_size
+        translate = self.ctrl.vfio.domain.translate
+        if translate(dma) is None or translate(dma + length - 1) is None:
+            raise NvmeError(
+                f"{what}: DMA address {dma:#x}+{length:#x} is not mapped in the device's IOMMU "
+                "domain: the IOMMU would block the transfer (use dma_map_single or a DmaBuffer)"
+            )
+        prp1, prp2, lists = self._prps(dma, length)
         cdw = (lba & 0xFFFFFFFF, lba >> 32, nblocks - 1)
         cmd = self.submit(opcode, ns.nsid, prp1, prp2, cdw, what)
         if lists:
@@ -352,6 +360,7 @@ class Controller:
         self.interrupts = interrupts
         self.command_timeout = command_timeout
         self.bar: Bar = vfio.bar(0)
+        self.fault_log = IommuFaultLog(vfio.address)  # what the IOMMU blocked, from now on
         self.dma = DmaDevice(vfio)
         dma_set_mask_and_coherent(self.dma, DMA_BIT_MASK(dma_bits))
         cap = self.bar.read64(CAP)
@@ -370,12 +379,21 @@ class Controller:
         self.io_queues: list[QueuePair] = []
         self.max_transfer = PAGE  # until Identify Controller reports MDTS
         self.closed = False
+        self.leaks: list[str] = []
         if interrupts:
-            vectors = vfio.irq_info(2).count
-            vfio.enable_irqs(min(vectors, 32))
+            vfio.enable_irqs(min(vfio.irq_info(2).count, 32))
         self.admin = QueuePair(self, 0, min(admin_depth, self.mqes), 0 if interrupts else None)
-        self._enable()
-        ident = self.identify_controller()
+        try:
+            self._enable()
+            ident = self.identify_controller()
+        except BaseException:
+            # a controller that never becomes ready (or answers nothing): give everything back
+            self.bar.write32(CC, 0)
+            self.admin.free()
+            self.prp_pool.destroy()
+            self.leaks = self.dma.close()
+            self.fault_log.close()
+            raise
         mdts = ident[77]  # in units of the minimum page size; 0: no limit
         self.max_transfer = min(PAGE << mdts, 1 << 20) if mdts else 1 << 20
         self.nn = int.from_bytes(ident[516:520], "little")
@@ -450,13 +468,22 @@ class Controller:
             self.admin.free()
             self.prp_pool.destroy()
             self.leaks = self.dma.close()
-            self.vfio.close()
+            self.fault_log.close()
+            self.vfio.close()  # the DMA-API check above found nothing if self.leaks is empty
 
     def __enter__(self) -> Controller:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def iommu_faults(self) -> list[IommuFault]:
+        """DMA the IOMMU blocked for this controller since the last call (the kernel log).
+
+        A controller may complete a command whose DMA was blocked with success (QEMU
+        7.2's does); this is how the driver learns of it.
+        """
+        return self.fault_log.faults()
 
     # -- admin commands ----------------------------------------------------------------------
     def _admin_data(
