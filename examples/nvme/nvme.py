@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ STATUS_NAMES = {
 }
 
 
+_SQE = struct.Struct("<IIQQQQ6I")  # a submission queue entry, 64 bytes
+_NO_LISTS: list[tuple[int, int]] = []  # shared, never mutated: a transfer with no PRP list
+
+
 class NvmeError(UvdmaError):
     """A controller error, or a command that completed with an error status."""
 
@@ -131,13 +136,15 @@ class QueuePair:
         dev = ctrl.dma
         self.sq = dma_alloc_coherent(dev, 64 * depth, GFP_KERNEL)  # zeroed
         self.cq = dma_alloc_coherent(dev, 16 * depth, GFP_KERNEL)
-        stride = 4 << ctrl.dstrd
+        stride = 4 << ctrl.dstrd  # NVMe 2.0, 3.1.4.21: doorbell stride from CAP.DSTRD
         self._sq_db = DOORBELLS + (2 * qid) * stride
         self._cq_db = DOORBELLS + (2 * qid + 1) * stride
+        self._sq_doorbell = ctrl.bar.reg32(self._sq_db)  # one store each, checked once here
+        self._cq_doorbell = ctrl.bar.reg32(self._cq_db)
         self._sq_tail = 0
         self._cq_head = 0
         self._phase = 1
-        self._sqe = (ctypes.c_uint32 * (16 * depth)).from_address(self.sq[0])
+        self._sq_mem = memoryview((ctypes.c_char * (64 * depth)).from_address(self.sq[0])).cast("B")
         self._cqe = (ctypes.c_uint32 * (4 * depth)).from_address(self.cq[0])
         self._free_cids = list(range(depth - 1, -1, -1))
         self._inflight: dict[int, _Command] = {}
@@ -161,18 +168,29 @@ class QueuePair:
             raise NvmeError(f"queue {self.qid} is full ({self.depth - 1} commands outstanding)")
         cid = self._free_cids.pop()
         cmd = _Command(cid, what or f"opcode {opcode:#x}")
-        base = self._sq_tail * 16
-        e = self._sqe
-        e[base + 0] = opcode | (cid << 16)
-        e[base + 1] = nsid
-        e[base + 2] = e[base + 3] = e[base + 4] = e[base + 5] = 0
-        e[base + 6], e[base + 7] = prp1 & 0xFFFFFFFF, prp1 >> 32
-        e[base + 8], e[base + 9] = prp2 & 0xFFFFFFFF, prp2 >> 32
-        for i in range(6):
-            e[base + 10 + i] = cdw[i] if i < len(cdw) else 0
+        c = (*cdw, 0, 0, 0, 0, 0, 0)
+        # the 64-byte SQE in one store of packed fields (NVMe 2.0, Figure 88):
+        # CDW0 (opcode, CID), NSID, reserved, MPTR, PRP1, PRP2, CDW10..15
+        _SQE.pack_into(
+            self._sq_mem,
+            self._sq_tail * 64,
+            opcode | (cid << 16),
+            nsid,
+            0,
+            0,
+            prp1,
+            prp2,
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+        )
         self._inflight[cid] = cmd
-        self._sq_tail = (self._sq_tail + 1) % self.depth
-        self.ctrl.bar.write32(self._sq_db, self._sq_tail)
+        tail = self._sq_tail + 1
+        self._sq_tail = tail = 0 if tail == self.depth else tail
+        self._sq_doorbell.value = tail
         return cmd
 
     def reap(self) -> int:
@@ -193,7 +211,7 @@ class QueuePair:
                 self._cq_head, self._phase = 0, self._phase ^ 1
             n += 1
         if n:
-            self.ctrl.bar.write32(self._cq_db, self._cq_head)
+            self._cq_doorbell.value = self._cq_head
         return n
 
     def wait(self, cmd: _Command, timeout: float | None = None) -> int:
@@ -236,7 +254,7 @@ class QueuePair:
         """PRP1, PRP2 and the PRP list pages used (NVMe 2.0, 4.1.1)."""
         first = PAGE - (dma % PAGE)
         if length <= first:
-            return dma, 0, []
+            return dma, 0, _NO_LISTS
         rest = length - first
         pages = [dma + first + i * PAGE for i in range((rest + PAGE - 1) // PAGE)]
         if len(pages) == 1:
@@ -291,10 +309,14 @@ class QueuePair:
 
     def complete(self, cmd: _Command, timeout: float | None = None) -> None:
         """Wait for an I/O command and give its PRP lists back."""
+        lists = (
+            self.ctrl._prp_owned.pop((self.qid, cmd.cid), None) if self.ctrl._prp_owned else None
+        )
         try:
-            self.wait(cmd, timeout)
+            if not cmd.done or cmd.status:
+                self.wait(cmd, timeout)
         finally:
-            for vaddr, ldma in self.ctrl._prp_owned.pop((self.qid, cmd.cid), []):
+            for vaddr, ldma in lists or ():
                 self.ctrl.prp_pool.free(vaddr, ldma)
 
     def _transfer(

@@ -82,6 +82,11 @@ class Bar:
             )
         return self.addr + offset
 
+    def reg32(self, offset: int) -> ctypes.c_uint32:
+        """A 32-bit register as a ctypes object, checked once: ``.value`` is one load or
+        store.  For hot registers (doorbells), where the per-access check would cost."""
+        return ctypes.c_uint32.from_address(self._at(offset, 4))
+
     def read32(self, offset: int) -> int:
         """One 32-bit load."""
         return ctypes.c_uint32.from_address(self._at(offset, 4)).value

@@ -50,6 +50,7 @@ class IommuDomain:
         self._starts: list[int] = []
         self._iova: IovaSpace | None = None
         self._close_hooks: list[Callable[[], None]] = []
+        self._last_hit: DmaMapping | None = None
         self.extensions: dict[str, object] = {}  # per-domain state of higher layers (the DMA API)
         self.closed = False
 
@@ -169,6 +170,8 @@ class IommuDomain:
         with self._lock:
             del self._maps[mapping.iova]
             self._starts.remove(mapping.iova)
+            if self._last_hit is mapping:
+                self._last_hit = None  # it holds the caller's buffer alive
         self.iova.free(mapping.iova, mapping.size)
         if isinstance(mapping.owner, HugeMemory):
             mapping.owner.mapped_by.discard(mapping)
@@ -180,9 +183,15 @@ class IommuDomain:
 
     def translate(self, iova: int) -> int | None:
         """The virtual address a device access to ``iova`` reaches, or None."""
+        m = self._last_hit  # drivers ask about the same buffers again and again
+        if m is not None and m.iova <= iova <= m.last and self._maps.get(m.iova) is m:
+            return m.vaddr + (iova - m.iova)
         with self._lock:
             m = self._overlapping(iova, 1)
-        return None if m is None else m.vaddr + (iova - m.iova)
+        if m is None:
+            return None
+        self._last_hit = m
+        return m.vaddr + (iova - m.iova)
 
     def _overlapping(self, iova: int, size: int) -> DmaMapping | None:
         i = bisect.bisect_right(self._starts, iova + size - 1) - 1
