@@ -6,6 +6,7 @@ python examples/nvme/perf.py --device 0000:01:00.0 --rw randread --qd 32 --secon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -30,10 +31,13 @@ def main() -> int:
     parser.add_argument("--qd", type=int, default=1, help="queue depth")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--count", type=int, help="stop after this many I/Os instead")
+    parser.add_argument(
+        "--interrupts", action="store_true", help="sleep on the MSI-X eventfd instead of polling"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     try:
-        with Controller.open(args.device) as ctrl:
+        with Controller.open(args.device, interrupts=args.interrupts) as ctrl:
             ns = ctrl.namespace(args.nsid)
             q = ctrl.create_io_queues(1, depth=max(args.qd + 1, 2))[0]
             nblocks = args.bs // ns.lba_size
@@ -60,7 +64,9 @@ def main() -> int:
                     inflight[cmd] = (buf, time.perf_counter())
                 if not inflight:
                     break
-                q.reap()  # polled completion: no interrupt, no system call
+                if not q.reap() and q.vector is not None:  # nothing yet: sleep on the interrupt
+                    with contextlib.suppress(TimeoutError):
+                        ctrl.vfio.wait_irq(q.vector, 1.0)
                 for cmd in [c for c in inflight if c.done]:
                     buf, t = inflight.pop(cmd)
                     q.complete(cmd)

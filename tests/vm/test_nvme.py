@@ -243,6 +243,7 @@ def test_the_programs_run(tmp_path: Path) -> None:
         ["identify.py", "--device", bdf()],
         ["rw.py", "--device", bdf(), "--lba", "100", "--blocks", "1024", "--mask-bits", "32"],
         ["perf.py", "--device", bdf(), "--qd", "4", "--count", "200", "--json"],
+        ["perf.py", "--device", bdf(), "--qd", "2", "--count", "50", "--interrupts"],
     ):
         r = subprocess.run(
             [sys.executable, str(ROOT / "examples/nvme" / args[0]), *args[1:]],
