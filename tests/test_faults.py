@@ -41,3 +41,25 @@ def test_without_access_to_the_log_the_error_says_run_as_root(tmp_path: Path) ->
     with pytest.raises(UvdmaOSError, match="run as root"):
         missing.faults()
     missing.close()
+
+
+def test_waiting_gives_a_late_fault_its_moment(tmp_path: Path) -> None:
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    log = tmp_path / "kmsg"
+    log.write_text("")
+    with IommuFaultLog(NVME, str(log)) as faults:
+        t0 = time.monotonic()
+        assert faults.faults(wait=0.05) == []
+        assert time.monotonic() - t0 >= 0.05
+
+        def late() -> None:
+            time.sleep(0.1)
+            with log.open("a") as f:
+                f.write(
+                    "3,2,2,-;DMAR: [DMA Write NO_PASID] Request device [00:09.0] fault addr 0x5000 [fault reason 0x05] PTE Write access is not set\n"
+                )
+
+        threading.Thread(target=late).start()
+        assert [f.iova for f in faults.faults(wait=5)] == [0x5000]

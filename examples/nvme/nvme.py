@@ -499,13 +499,14 @@ class Controller:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def iommu_faults(self) -> list[IommuFault]:
+    def iommu_faults(self, wait: float = 0.0) -> list[IommuFault]:
         """DMA the IOMMU blocked for this controller since the last call (the kernel log).
 
         A controller may complete a command whose DMA was blocked with success (QEMU
-        7.2's does); this is how the driver learns of it.
+        7.2's does); this is how the driver learns of it.  The kernel logs faults from an
+        interrupt of its own, a moment after: ``wait`` gives them that moment.
         """
-        return self.fault_log.faults()
+        return self.fault_log.faults(wait)
 
     # -- admin commands ----------------------------------------------------------------------
     def _admin_data(

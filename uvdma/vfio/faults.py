@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from uvdma.errors import UvdmaOSError
@@ -63,8 +64,21 @@ class IommuFaultLog:
         except OSError as e:  # no permission: report it when faults are asked for
             self.error = e
 
-    def faults(self) -> list[IommuFault]:
-        """Faults for this device logged since the last call (or since opening)."""
+    def faults(self, wait: float = 0.0) -> list[IommuFault]:
+        """Faults for this device logged since the last call (or since opening).
+
+        The kernel logs a fault from the IOMMU's fault interrupt, which may come after the
+        device has already reported the command done: ``wait`` seconds are given for the
+        first fault to arrive.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            got = self._read()
+            if got or time.monotonic() >= deadline:
+                return got
+            time.sleep(0.01)
+
+    def _read(self) -> list[IommuFault]:
         if self._fd is None:
             err = self.error.errno if self.error and self.error.errno else errno.EACCES
             raise UvdmaOSError(err, f"reading IOMMU faults from {self.path}: run as root")
