@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -44,9 +46,6 @@ def test_without_access_to_the_log_the_error_says_run_as_root(tmp_path: Path) ->
 
 
 def test_waiting_gives_a_late_fault_its_moment(tmp_path: Path) -> None:
-    import threading  # noqa: PLC0415
-    import time  # noqa: PLC0415
-
     log = tmp_path / "kmsg"
     log.write_text("")
     with IommuFaultLog(NVME, str(log)) as faults:
