@@ -528,8 +528,9 @@ class Controller:
 
     def namespace(self, nsid: int) -> Namespace:
         """Identify Namespace (CNS 00h); a namespace that does not exist is a clear error."""
-        if nsid not in self.active_namespaces():
-            raise NvmeError(f"namespace {nsid} does not exist; active: {self.active_namespaces()}")
+        active = self.active_namespaces()
+        if nsid not in active:
+            raise NvmeError(f"namespace {nsid} does not exist; active: {active}")
         data = self._admin_data(ADMIN_IDENTIFY, nsid, (0x00,), f"Identify Namespace {nsid}")
         nsze = int.from_bytes(data[0:8], "little")
         flbas = data[26] & 0xF
