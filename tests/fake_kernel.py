@@ -68,6 +68,8 @@ class FakeKernel:
         self.pinned = 0
         self.mlocked = 0
         self.irqs: dict[tuple[str, int], list[int]] = {}
+        self.unmasked: list[tuple[str, int]] = []
+        self.hugetlbfs: dict[str, int] = {}  # path prefix of a hugetlbfs mount -> page size
         self._real = _sys.LinuxKernel()
         self._real_maps: dict[int, tuple[int, int]] = {}
 
@@ -97,6 +99,11 @@ class FakeKernel:
     # -- the Kernel protocol -------------------------------------------------------------------
     def open(self, path: str, flags: int) -> int:
         self.calls.append(f"open {path}")
+        for prefix, page in self.hugetlbfs.items():
+            if path.startswith(prefix):
+                fd = self._new("memfd")
+                self.fds[fd].extra["page"] = page
+                return fd
         if path == "/dev/vfio/vfio":
             return self._new("container", {"groups": [], "iommu": False, "maps": {}})
         if path == "/dev/iommu":
@@ -276,6 +283,9 @@ class FakeKernel:
             return 0
         if request == V.VFIO_DEVICE_SET_IRQS:
             s = V.vfio_irq_set.from_buffer(arg)
+            if s.flags & V.IrqSetFlags.VFIO_IRQ_SET_ACTION_UNMASK:
+                self.unmasked.append((d.bdf, s.index))
+                return 0
             if s.flags & V.IrqSetFlags.VFIO_IRQ_SET_DATA_EVENTFD:
                 fds = (ctypes.c_int32 * s.count).from_buffer(arg, ctypes.sizeof(s))
                 self.irqs[(d.bdf, s.index)] = list(fds)
@@ -373,6 +383,8 @@ class FakeKernel:
 
     def memfd_create(self, name: str, flags: int) -> int:
         page = 4096
+        if flags & os.MFD_HUGETLB and self.hugetlbfs:
+            raise err(errno.EINVAL)  # a kernel without MFD_HUGETLB: hugetlbfs it is
         if flags & os.MFD_HUGETLB:
             page = 1 << ((flags >> os.MFD_HUGE_SHIFT) & os.MFD_HUGE_MASK)
         fd = self._new("memfd")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +171,32 @@ def test_memory_refuses_to_close_while_mapped(fake: FakeKernel) -> None:
     mem.mapped_by.clear()
     mem.close()
     mem.close()  # idempotent
+
+
+def test_hugetlbfs_is_the_second_choice(
+    fake: FakeKernel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    mount = tmp_path / "hugepages-2M"
+    mount.mkdir()
+    fake.hugetlbfs[str(mount)] = hp.PAGE_2M
+    monkeypatch.setattr(hp, "_hugetlbfs_mount", lambda size: mount if size == hp.PAGE_2M else None)
+    with hp.allocate(MiB) as mem:
+        assert (mem.page_size, mem.source) == (hp.PAGE_2M, f"hugetlbfs {mount}")
+        assert fake.free_hugepages[hp.PAGE_2M] == 15
+    assert fake.open_kinds() == []
+
+
+def test_hugetlbfs_mounts_are_read_from_proc_mounts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        f"proc /proc proc rw 0 0\nhugetlbfs {tmp_path} hugetlbfs rw,relatime,pagesize=1G 0 0\n"
+    )
+
+    def fake_path(p: str) -> Path:
+        return mounts if p == "/proc/mounts" else Path(p)
+
+    monkeypatch.setattr("uvdma.memory.hugepages.Path", fake_path)
+    assert hp._hugetlbfs_mount(hp.PAGE_1G) == tmp_path
+    assert hp._hugetlbfs_mount(hp.PAGE_2M) is None

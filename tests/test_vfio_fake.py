@@ -240,3 +240,11 @@ def test_mapped_memory_cannot_be_freed_until_unmapped(fake: FakeKernel, sysfs: P
             mem.close()
         dev.domain.unmap(m)
         mem.close()
+
+
+def test_intx_is_unmasked_on_request(fake: FakeKernel, sysfs: Path) -> None:
+    with open_device(NVME, sysfs=sysfs, backend="type1") as dev:
+        fds = dev.enable_irqs(1, index=0)  # INTx
+        assert fake.irqs[(NVME, 0)] == fds
+        dev.unmask_irq()
+        assert fake.unmasked == [(NVME, 0)]

@@ -10,6 +10,7 @@ memory is locked so it stays resident.  Fresh memory reads as zeros.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import warnings
@@ -185,7 +186,8 @@ def _try_hugetlb(size: int, page_size: int, name: str) -> HugeMemory | None:
             return None
         path = str(mount / f"uvdma-{os.getpid()}-{id(object())}")
         fd = k.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # the open fd keeps the memory; nothing is left behind
         source = f"hugetlbfs {mount}"
     try:
         k.ftruncate(fd, length)

@@ -316,6 +316,16 @@ class VfioDevice:
             )
         return int.from_bytes(k.read(fds[vector], 8), "little")
 
+    def unmask_irq(self, index: int = V.PciIrq.VFIO_PCI_INTX_IRQ_INDEX) -> None:
+        """Unmask an interrupt VFIO masked when it fired (INTx is automasked, vfio.h:
+        VFIO_IRQ_INFO_AUTOMASKED): call it after handling each INTx."""
+        buf = ctypes.create_string_buffer(ctypes.sizeof(V.vfio_irq_set))
+        s = V.vfio_irq_set.from_buffer(buf)
+        s.argsz = ctypes.sizeof(buf)
+        s.flags = V.IrqSetFlags.VFIO_IRQ_SET_DATA_NONE | V.IrqSetFlags.VFIO_IRQ_SET_ACTION_UNMASK
+        s.index, s.start, s.count = index, 0, 1
+        _ioctl.call(self.fd, V.VFIO_DEVICE_SET_IRQS, buf, f"{self.address} unmask IRQ {index}", {})
+
     def disable_irqs(self, index: int = V.PciIrq.VFIO_PCI_MSIX_IRQ_INDEX) -> None:
         """Turn an interrupt type off and close its eventfds."""
         fds = self._irq_fds.pop(index, None)
