@@ -19,7 +19,6 @@ from typing import Any
 from uvdma import _sys
 from uvdma._uapi import iommufd as I  # noqa: N812
 from uvdma._uapi import vfio as V  # noqa: N812
-from uvdma._uapi import vfio_info_cap_header
 
 GROUP_RANGES = [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 39) - 1)]
 
@@ -436,7 +435,3 @@ class FakeKernel:
     def pagemap_entry(self, vaddr: int) -> int:
         pfn = (vaddr >> 12) & 0xFFFFF if self.privileged else 0
         return (1 << 63) | pfn
-
-
-def info_header() -> type[vfio_info_cap_header]:
-    return vfio_info_cap_header

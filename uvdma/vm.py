@@ -107,10 +107,10 @@ def _version_key(path: Path) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", path.name[len("vmlinuz-") :])]
 
 
-def find_tools(accel: str) -> tuple[str, str]:
-    """(vng, qemu) executables, or an error naming the package that provides each."""
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
+def find_tools(accel: str) -> str:
+    """The vng executable, after checking that QEMU and the rest are there; an error names
+    the package that provides whatever is missing."""
+    if shutil.which("qemu-system-x86_64") is None:
         raise VmError("qemu-system-x86_64 is not installed: `apt-get install qemu-system-x86`")
     if not _has_static_busybox():
         raise VmError("virtme-ng needs a static busybox: `apt-get install busybox-static`")
@@ -120,7 +120,7 @@ def find_tools(accel: str) -> tuple[str, str]:
         raise VmError("virtme-ng is not installed: `pip install 'uvdma[vm]'` (or tools/test)")
     if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise VmError("--accel kvm needs read-write /dev/kvm; use the default --accel tcg")
-    return vng, qemu
+    return vng
 
 
 def _has_static_busybox() -> bool:
@@ -205,7 +205,7 @@ def run(config: VmConfig, out: TextIO | None = None) -> int:
     """
     out = out or sys.stdout
     config.check()
-    vng, _qemu = find_tools(config.accel)
+    vng = find_tools(config.accel)
     with tempfile.TemporaryDirectory(prefix="uvdma-vm-") as tmp:
         images = []
         for i in range(config.nvme):

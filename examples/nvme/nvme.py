@@ -25,7 +25,6 @@ import numpy as np
 import numpy.typing as npt
 
 from uvdma.dma import (
-    DMA_BIDIRECTIONAL,
     DMA_BIT_MASK,
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
@@ -634,7 +633,9 @@ def pattern(
 
 
 __all__ = [
-    "DMA_BIDIRECTIONAL",
+    "IO_FLUSH",
+    "IO_READ",
+    "IO_WRITE",
     "CommandError",
     "Controller",
     "Namespace",

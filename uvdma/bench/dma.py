@@ -116,11 +116,15 @@ def run(
         noop = _Anchor().noop
 
         def case(
-            name: str, pair: Callable[[], None], anchor: Callable[[], None], n: int = batches
+            name: str,
+            pair: Callable[[], None],
+            anchor: Callable[[], None],
+            n: int = batches,
+            per: int = per_batch,
         ) -> None:
             if progress:
                 progress(f"{name} ...")
-            results.append(_measure(name, pair, anchor, n, per_batch if n == batches else 2))
+            results.append(_measure(name, pair, anchor, n, per))
 
         def atomic() -> None:
             c, d = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)
@@ -142,7 +146,8 @@ def run(
             c, d = dma_alloc_coherent(dev, 4 << 20, GFP_KERNEL)
             dma_free_coherent(dev, 4 << 20, c, d)
 
-        case("coherent 4M kernel (maps)", kernel4m, anchor_coherent, max(batches // 10, 5))
+        # the system-call cases are slow: fewer, smaller batches
+        case("coherent 4M kernel (maps)", kernel4m, anchor_coherent, max(batches // 10, 5), 2)
 
         pool = dma_pool_create("bench", dev, 4096, 4096, 0)
         pool_alloc, pool_free = pool.alloc, pool.free
@@ -176,7 +181,7 @@ def run(
                 h = dma_map_single(dev, held[0], DMA_TO_DEVICE)
                 dma_unmap_single(dev, h, 64 << 10, DMA_TO_DEVICE)
 
-            case("map_single 64K direct", direct, anchor_map, max(batches // 5, 5))
+            case("map_single 64K direct", direct, anchor_map, max(batches // 5, 5), 2)
             held.clear()  # release the buffer export before the mmap closes
         if dev.close():
             raise UvdmaError("the benchmark leaked DMA memory")

@@ -191,10 +191,10 @@ class AtomicPools:
         self, pool: GenPool, size: int, phys_addr_ok: PhysAddrOk | None
     ) -> tuple[int, int] | None:
         """``__dma_alloc_from_pool``."""
-        addr = pool.alloc(size)
-        if not addr:
+        got = pool.dma_alloc(size)  # gen_pool_alloc + gen_pool_virt_to_phys in one lookup
+        if got is None:
             return None
-        phys = pool.virt_to_phys(addr)
+        addr, phys = got
         if phys_addr_ok is not None and not phys_addr_ok(phys, size):
             pool.free(addr, size)
             return None
