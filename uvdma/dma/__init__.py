@@ -28,6 +28,7 @@ from uvdma.dma.direct import (
     dma_sync_single_for_device,
     dma_unmap_sg,
     dma_unmap_single,
+    dma_unmap_single_attrs,
     is_bounced,
 )
 from uvdma.dma.dmapool import (
@@ -39,6 +40,7 @@ from uvdma.dma.dmapool import (
     dma_pool_zalloc,
 )
 from uvdma.dma.gfp import (
+    DMA_ATTR_SKIP_CPU_SYNC,
     DMA_BIDIRECTIONAL,
     DMA_BIT_MASK,
     DMA_FROM_DEVICE,
@@ -52,6 +54,7 @@ from uvdma.dma.gfp import (
 from uvdma.dma.pool import AtomicPools, memparse
 
 __all__ = [
+    "DMA_ATTR_SKIP_CPU_SYNC",
     "DMA_BIDIRECTIONAL",
     "DMA_BIT_MASK",
     "DMA_FROM_DEVICE",
@@ -89,6 +92,7 @@ __all__ = [
     "dma_sync_single_for_device",
     "dma_unmap_sg",
     "dma_unmap_single",
+    "dma_unmap_single_attrs",
     "is_bounced",
     "memparse",
 ]

@@ -44,6 +44,7 @@ from uvdma.dma.debug import DmaApiError, DmaDebug, enabled_by_env
 from uvdma.dma.gfp import (
     __GFP_DIRECT_RECLAIM,
     __GFP_ZERO,
+    DMA_ATTR_SKIP_CPU_SYNC,
     DMA_BIDIRECTIONAL,
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
@@ -436,11 +437,11 @@ def _map_one(dev: DmaDevice, buf: Any, direction: int) -> _Streaming:
     return _Streaming(got[1], size, direction, addr, keep, bounce=(got[0], order))
 
 
-def _unmap_one(dev: DmaDevice, s: _Streaming) -> None:
+def _unmap_one(dev: DmaDevice, s: _Streaming, sync: bool = True) -> None:
     if s.mapping is not None:
         dev.domain.unmap(s.mapping)
     elif s.bounce is not None:
-        if s.direction in (DMA_FROM_DEVICE, DMA_BIDIRECTIONAL):
+        if sync and s.direction in (DMA_FROM_DEVICE, DMA_BIDIRECTIONAL):
             copy(s.buf_addr, s.bounce[0], s.size)
         dev.ctx.pages.free_pages(*s.bounce)
 
@@ -460,10 +461,18 @@ def dma_map_single(dev: DmaDevice, buf: Any, direction: int) -> int:
 
 def dma_unmap_single(dev: DmaDevice, dma: int, size: int, direction: int) -> None:
     """``dma_unmap_single``: handle, size and direction must match the mapping."""
+    dma_unmap_single_attrs(dev, dma, size, direction, 0)
+
+
+def dma_unmap_single_attrs(
+    dev: DmaDevice, dma: int, size: int, direction: int, attrs: int = 0
+) -> None:
+    """``dma_unmap_single_attrs``: with ``DMA_ATTR_SKIP_CPU_SYNC`` a bounced buffer is
+    not copied back (what the device wrote is dropped: a transfer that failed)."""
     with dev._lock:
         dev.debug.take("single", dma, size, direction=direction)
         s = dev._streaming.pop(dma)
-    _unmap_one(dev, s)
+    _unmap_one(dev, s, sync=not attrs & DMA_ATTR_SKIP_CPU_SYNC)
 
 
 def dma_map_sg(dev: DmaDevice, bufs: Sequence[Any], direction: int) -> list[tuple[int, int]]:

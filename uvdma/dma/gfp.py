@@ -67,6 +67,7 @@ DMA_BIDIRECTIONAL = DmaDataDirection.DMA_BIDIRECTIONAL
 DMA_TO_DEVICE = DmaDataDirection.DMA_TO_DEVICE
 DMA_FROM_DEVICE = DmaDataDirection.DMA_FROM_DEVICE
 
+DMA_ATTR_SKIP_CPU_SYNC = 1 << 5  # unmap without copying back (a failed transfer)
 DMA_ATTR_NO_WARN = 1 << 8
 DMA_MAPPING_ERROR = (1 << 64) - 1
 PAGE_SHIFT = 12
