@@ -4,23 +4,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from uvdma import __version__, doctor, pci, vm
-from uvdma.bench import dma as bench_dma
-from uvdma.bench import genalloc as bench_genalloc
-from uvdma.bench import map as bench_map
+from uvdma import __version__, doctor, pci
+from uvdma._args import int_arg
 from uvdma.errors import UvdmaError
 from uvdma.memory import hugepages
+from uvdma.vm import kernel as vm_kernel
+from uvdma.vm import runner as vm
 
 
 def _cmd_vm_run(args: argparse.Namespace) -> int:
     return vm.run(vm.config_from_args(args))
 
 
+def _cmd_vm_kernel(args: argparse.Namespace) -> int:
+    image = vm_kernel.cached_kernel()
+    if image is None and args.check:
+        print(
+            "uvdma: the guest kernel is not built yet: `uvdma vm kernel` builds it "
+            "(once: about 10 minutes on 2 cores)",
+            file=sys.stderr,
+        )
+        return 1
+    if image is None:
+        image = vm_kernel.build(sys.stderr, jobs=args.jobs)
+    print(image)
+    return 0
+
+
 def _cmd_bench_genalloc(args: argparse.Namespace) -> int:
+    from uvdma.bench import genalloc as bench_genalloc  # noqa: PLC0415 - numpy: slow to import
+
     return bench_genalloc.main(json_out=args.json, quick=args.quick)
 
 
@@ -78,9 +98,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_hugepages(args: argparse.Namespace) -> int:
     size = {"2M": hugepages.PAGE_2M, "1G": hugepages.PAGE_1G}[args.size]
     if args.count is not None:
-        if args.count < 0:
-            raise UvdmaError("--count must not be negative")
-        got = hugepages.reserve_hugepages(size, args.count)
+        got = hugepages.reserve_hugepages(size, args.count, force=args.force)
         if got.total < args.count:
             print(
                 f"asked for {args.count} {args.size} hugepages, the kernel reserved {got.total} "
@@ -93,10 +111,14 @@ def _cmd_hugepages(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_dma(args: argparse.Namespace) -> int:
+    from uvdma.bench import dma as bench_dma  # noqa: PLC0415 - numpy: slow to import
+
     return bench_dma.main(args.device, json_out=args.json, plot_path=args.plot, quick=args.quick)
 
 
 def _cmd_bench_map(args: argparse.Namespace) -> int:
+    from uvdma.bench import map as bench_map  # noqa: PLC0415 - numpy: slow to import
+
     return bench_map.main(args.device, json_out=args.json, budget_s=args.seconds)
 
 
@@ -119,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vm.add_arguments(run_p)
     run_p.set_defaults(func=_cmd_vm_run)
+    kernel_p = vm_sub.add_parser(
+        "kernel",
+        help="build uvdma's guest kernel (iommufd, VFIO cdev, no-IOMMU) if missing; print its path",
+        description="Build, once, a guest kernel with iommufd, VFIO cdev and VFIO no-IOMMU "
+        "mode from Debian's linux-source-6.12 (installing the packages it needs, as root) "
+        "and print the path of its bzImage. Cached under ~/.cache/uvdma/kernel; the first "
+        "build takes about 10 minutes on 2 cores.",
+    )
+    kernel_p.add_argument(
+        "--check", action="store_true", help="only print the path if built; exit 1 if not"
+    )
+    kernel_p.add_argument(
+        "--jobs", type=int_arg(1, 1024), help="make -j (default: the CPUs this may use)"
+    )
+    kernel_p.set_defaults(func=_cmd_vm_kernel)
 
     list_p = sub.add_parser("list", help="PCI devices, their drivers and IOMMU groups")
     list_p.add_argument("--json", action="store_true")
@@ -134,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     doc_p.set_defaults(func=_cmd_doctor)
     huge_p = sub.add_parser("hugepages", help="show, or reserve (root), hugepages")
     huge_p.add_argument("--size", choices=["2M", "1G"], default="2M")
-    huge_p.add_argument("--count", type=int, help="how many to reserve")
+    huge_p.add_argument("--count", type=int_arg(0, 1 << 40), help="how many to reserve (root)")
+    huge_p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow leaving less than a quarter of memory available (down to a sixteenth)",
+    )
     huge_p.set_defaults(func=_cmd_hugepages)
 
     bench_p = sub.add_parser("bench", help="benchmarks")
@@ -160,17 +202,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``uvdma`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Entry point of the ``uvdma`` console script.
+
+    Errors are one line on stderr, never a traceback (set UVDMA_TRACEBACK=1 to see one
+    for an unexpected error); a closed output pipe ends the command quietly (exit 141,
+    as SIGPIPE would); an interrupt exits 128 + the signal's number.
+    """
     try:
+        args = build_parser().parse_args(argv)
         rc: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except UvdmaError as e:
         print(f"uvdma: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"uvdma: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    except OSError as e:
+        print(f"uvdma: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if os.environ.get("UVDMA_TRACEBACK") == "1":
+            traceback.print_exc()
+        print(
+            f"uvdma: unexpected error (a bug: please report it with the command): "
+            f"{type(e).__name__}: {e} (UVDMA_TRACEBACK=1 shows where)",
+            file=sys.stderr,
+        )
+        return 1
     return rc
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

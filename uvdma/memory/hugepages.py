@@ -68,19 +68,59 @@ def hugepage_pools(sysfs: Path = Path("/sys")) -> dict[int, HugepagePool]:
     return pools
 
 
-def reserve_hugepages(page_size: int, count: int, sysfs: Path = Path("/sys")) -> HugepagePool:
+def reserve_hugepages(
+    page_size: int,
+    count: int,
+    sysfs: Path = Path("/sys"),
+    *,
+    force: bool = False,
+    meminfo: Path = Path("/proc/meminfo"),
+) -> HugepagePool:
     """Set the number of reserved hugepages of ``page_size`` (root); returns the result.
 
-    The kernel may reserve fewer than asked when memory is fragmented; the caller
-    sees that in the result.
+    A count that would leave less than a quarter of the machine's memory available
+    (MemAvailable less the memory the new pages take) is refused, naming the most that
+    may be asked; ``force`` lowers that floor to a sixteenth, never to nothing: a kernel
+    asked for nearly all its memory grinds through reclaim and compaction, and the
+    machine then hangs.  A refusal changes nothing.  The kernel may reserve fewer than
+    asked when memory is fragmented; the caller sees that in the result.
     """
+    name = size_name(page_size)
+    if count < 0:
+        raise UvdmaError(f"cannot reserve {count} {name} hugepages: the count must be 0 or more")
     path = sysfs / f"kernel/mm/hugepages/hugepages-{page_size // KiB}kB/nr_hugepages"
     if not path.exists():
-        raise UvdmaError(f"this kernel has no {size_name(page_size)} hugepages")
+        raise UvdmaError(f"this kernel has no {name} hugepages")
+    current = int(path.read_text())
+    if count > current:
+        info: dict[str, int] = {}
+        for line in meminfo.read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                info[key] = int(rest.split()[0]) * KiB
+        if "MemTotal" not in info:
+            raise UvdmaError(f"cannot read MemTotal from {meminfo}: is /proc mounted?")
+        total = info["MemTotal"]
+        available = info.get("MemAvailable", info.get("MemFree", 0))
+        floor = total // 16 if force else total // 4
+        left = available - (count - current) * page_size
+        if left < floor:
+            most = current + max(0, (available - floor) // page_size)
+            hint = "" if force else ", or pass --force to leave as little as a sixteenth"
+            raise UvdmaError(
+                f"reserving {count} {name} hugepages ({count - current} more) would leave "
+                f"{max(left, 0) // MiB} MiB of this machine's {total // MiB} MiB available, "
+                f"less than {'a sixteenth' if force else 'a quarter'}: ask for at most "
+                f"{most}{hint}"
+            )
     try:
         path.write_text(str(count))
     except PermissionError as e:
         raise UvdmaOSError(errno.EACCES, f"reserving hugepages: run as root ({path})") from e
+    except OSError as e:
+        raise UvdmaOSError(
+            e.errno or errno.EINVAL, f"reserving {count} {name} hugepages through {path}"
+        ) from e
     return hugepage_pools(sysfs)[page_size]
 
 
