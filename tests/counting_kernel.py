@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from uvdma._sys import Kernel
+from uvdma._sys import Kernel, Register
 
 
 class CountingKernel:
@@ -80,3 +80,9 @@ class CountingKernel:
     def pagemap_entry(self, vaddr: int) -> int:
         self._count("pagemap_entry")
         return self.inner.pagemap_entry(vaddr)
+
+    def mmio32(self, addr: int) -> Register:
+        return self.inner.mmio32(addr)  # a load or store, not a system call: not counted
+
+    def mmio64(self, addr: int) -> Register:
+        return self.inner.mmio64(addr)

@@ -5,7 +5,10 @@ the container's and IOAS's mappings (overlap -> EEXIST, type1's entry limit ->
 ENOSPC, pinned bytes past RLIMIT_MEMLOCK -> ENOMEM, unmapping nothing -> size 0 /
 ENOENT), the argsz protocol (a too-small buffer gets argsz grown, capabilities after
 the struct), iommufd's EMSGSIZE for a short range array, and hugetlb reservations.
-BAR and config space are real memory so register reads work.
+BAR and config space are real memory so register reads work; a device model attached with
+:meth:`FakeKernel.attach_model` (tests/nvme_sim.py) sees each BAR0 access instead, and DMAs
+through :meth:`FakeKernel.dma_windows` (the IOMMU's view: what each IOVA maps to, with which
+permissions), reporting what the IOMMU blocks with :meth:`FakeKernel.record_fault`.
 """
 
 from __future__ import annotations
@@ -14,17 +17,40 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from uvdma import _sys
 from uvdma._uapi import iommufd as I  # noqa: N812
 from uvdma._uapi import vfio as V  # noqa: N812
+from uvdma.vfio.faults import IommuFault
 
 GROUP_RANGES = [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 39) - 1)]
 
 
 def err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
+
+
+class DeviceModel(Protocol):
+    """A device emulated behind BAR0: each register access reaches it as it happens."""
+
+    def register(self, offset: int, width: int) -> _sys.Register:
+        """The register of ``width`` bytes at ``offset`` in BAR0."""
+        ...
+
+    def function_reset(self) -> None:
+        """A function-level reset (VFIO_DEVICE_RESET, or the last device fd closed)."""
+        ...
+
+
+class DmaWindow(NamedTuple):
+    """One IOMMU mapping as the device sees it: ``size`` bytes at ``iova`` are at ``vaddr``."""
+
+    iova: int
+    size: int
+    vaddr: int
+    read: bool  # the device may read (DMA to the device)
+    write: bool  # the device may write
 
 
 @dataclass
@@ -71,6 +97,13 @@ class FakeKernel:
         self.hugetlbfs: dict[str, int] = {}  # path prefix of a hugetlbfs mount -> page size
         self._real = _sys.LinuxKernel()
         self._real_maps: dict[int, tuple[int, int]] = {}
+        self.models: dict[str, DeviceModel] = {}  # bdf -> the model behind its BAR0
+        self._model_bars: dict[int, tuple[int, DeviceModel]] = {}  # mmap'd BAR0 -> size, model
+        self.ioas_vaddrs: dict[int, dict[int, tuple[int, bool, bool]]] = {}
+        self.iommu_faults: dict[str, list[IommuFault]] = {}  # bdf -> what the IOMMU blocked
+        # Changes whenever the IOMMU's view may have: every ioctl and close.  A device model
+        # caches its translations until it changes.
+        self.iommu_gen = 0
 
     def add_device(self, bdf: str, group: int, cdev: int) -> FakeDevice:
         d = FakeDevice(bdf, group, cdev)
@@ -94,6 +127,57 @@ class FakeKernel:
 
     def open_kinds(self) -> list[str]:
         return sorted(f.kind for f in self.fds.values())
+
+    # -- device models: MMIO and DMA -------------------------------------------------------------
+    def attach_model(self, bdf: str, model: DeviceModel) -> None:
+        """Put ``model`` behind BAR0 of device ``bdf`` (before the BAR is mmap'd)."""
+        if bdf not in self.devices:
+            raise KeyError(f"no fake device {bdf}: add_device first")
+        self.models[bdf] = model
+
+    def _model_at(self, addr: int) -> tuple[int, DeviceModel] | None:
+        for base, (size, model) in self._model_bars.items():
+            if base <= addr < base + size:
+                return addr - base, model
+        return None
+
+    def mmio32(self, addr: int) -> _sys.Register:
+        hit = self._model_at(addr)
+        if hit is None:
+            return ctypes.c_uint32.from_address(addr)
+        return hit[1].register(hit[0], 4)
+
+    def mmio64(self, addr: int) -> _sys.Register:
+        hit = self._model_at(addr)
+        if hit is None:
+            return ctypes.c_uint64.from_address(addr)
+        return hit[1].register(hit[0], 8)
+
+    def dma_windows(self, bdf: str) -> list[DmaWindow]:
+        """The mappings device ``bdf`` can reach now, by IOVA: its group's container
+        (type1) or the IOAS its cdev is attached to (iommufd).  Empty when it has none."""
+        d = self.devices[bdf]
+        out: list[DmaWindow] = []
+        for f in self.fds.values():
+            if f.kind == "group" and f.obj["number"] == d.group and f.obj["container"]:
+                c = f.obj["container"]
+                if c["iommu"]:
+                    vaddrs = c.get("vaddrs", {})
+                    for iova, size in c["maps"].items():
+                        out.append(DmaWindow(iova, size, *vaddrs[iova]))
+                break
+            if f.kind == "cdev" and f.obj is d and f.extra.get("ioas") in self.ioas:
+                ioas_id = f.extra["ioas"]
+                vaddrs = self.ioas_vaddrs.get(ioas_id, {})
+                for iova, size in self.ioas[ioas_id].items():
+                    out.append(DmaWindow(iova, size, *vaddrs[iova]))
+                break
+        return sorted(out)
+
+    def record_fault(self, bdf: str, iova: int, write: bool) -> None:
+        """The IOMMU blocked a DMA of device ``bdf`` at ``iova`` (a real kernel logs it)."""
+        kind = "Write" if write else "Read"
+        self.iommu_faults.setdefault(bdf, []).append(IommuFault(iova, kind, "blocked"))
 
     # -- the Kernel protocol -------------------------------------------------------------------
     def open(self, path: str, flags: int) -> int:
@@ -126,6 +210,13 @@ class FakeKernel:
         f = self.fds.pop(fd, None)
         if f is None:
             raise err(errno.EBADF)
+        self.iommu_gen += 1
+        if (
+            f.kind in ("device", "cdev")
+            and f.obj.bdf in self.models
+            and not any(g.kind in ("device", "cdev") and g.obj is f.obj for g in self.fds.values())
+        ):
+            self.models[f.obj.bdf].function_reset()  # vfio-pci resets on the last release
         if f.kind == "group" and f.obj["container"] is not None:
             c = f.obj["container"]
             c["groups"].remove(f.obj["number"])
@@ -148,6 +239,7 @@ class FakeKernel:
             v: k for k, v in vars(V).items() if k.startswith("VFIO_") and isinstance(v, int)
         } | {v: k for k, v in vars(I).items() if k.startswith("IOMMU_") and isinstance(v, int)}
         self.calls.append(f"ioctl {name.get(request, hex(request))}")
+        self.iommu_gen += 1
         handler = getattr(self, f"_{f.kind}_ioctl")
         return int(handler(f, request, arg))
 
@@ -180,6 +272,11 @@ class FakeKernel:
             if not self.privileged and self.pinned + m.size > self.memlock:
                 raise err(errno.ENOMEM)
             c["maps"][m.iova] = m.size
+            c.setdefault("vaddrs", {})[m.iova] = (
+                m.vaddr,
+                bool(m.flags & V.DmaMapFlags.VFIO_DMA_MAP_FLAG_READ),
+                bool(m.flags & V.DmaMapFlags.VFIO_DMA_MAP_FLAG_WRITE),
+            )
             self.pinned += m.size
             return 0
         if request == V.VFIO_IOMMU_UNMAP_DMA:
@@ -292,6 +389,8 @@ class FakeKernel:
                 self.irqs.pop((d.bdf, s.index), None)
             return 0
         if request == V.VFIO_DEVICE_RESET:
+            if d.bdf in self.models:
+                self.models[d.bdf].function_reset()
             return 0
         raise err(errno.ENOTTY)
 
@@ -323,6 +422,11 @@ class FakeKernel:
             if not self.privileged and self.pinned + arg.length > self.memlock:
                 raise err(errno.ENOMEM)
             maps[arg.iova] = arg.length
+            self.ioas_vaddrs.setdefault(arg.ioas_id, {})[arg.iova] = (
+                arg.user_va,
+                bool(arg.flags & I.IoasMapFlags.IOMMU_IOAS_MAP_READABLE),
+                bool(arg.flags & I.IoasMapFlags.IOMMU_IOAS_MAP_WRITEABLE),
+            )
             self.pinned += arg.length
             return 0
         if request == I.IOMMU_IOAS_UNMAP:
@@ -358,6 +462,8 @@ class FakeKernel:
         f = self.fds[fd]
         if f.kind in ("device", "cdev"):
             d: FakeDevice = f.obj
+            if d.bdf in self.models:
+                self._model_bars[ctypes.addressof(d.bar0)] = (length, self.models[d.bdf])
             return ctypes.addressof(d.bar0)
         if f.kind == "memfd" and f.extra["page"] > 4096 and f.extra.get("reserved") is None:
             page = f.extra["page"]
@@ -376,6 +482,7 @@ class FakeKernel:
 
     def munmap(self, addr: int, length: int) -> None:
         self.calls.append("munmap")
+        self._model_bars.pop(addr, None)
         real = self._real_maps.pop(addr, None)
         if real is not None:
             self._real.munmap(*real)

@@ -106,6 +106,7 @@ x86_64_defconfig) printf 'CONFIG_A=m\\nCONFIG_B=y\\nCONFIG_Z=y\\n' > .config ;;
 olddefconfig) [ -f "$FAKE_STATE/drop" ] && sed -i "/$(cat "$FAKE_STATE/drop")/d" .config; true ;;
 bzImage)
     echo $$ > "$FAKE_STATE/make.pid"
+    mktemp "${TMPDIR:-/tmp}/ccXXXXXX.s" > "$FAKE_STATE/cc.tmp"  # as gcc -pipe-less does
     [ -f "$FAKE_STATE/make-fails" ] && { cat "$FAKE_STATE/make-fails"; exit 2; }
     i=0
     while [ $i -lt "${FAKE_STEPS:-4}" ]; do
@@ -393,6 +394,8 @@ def test_an_interrupted_build_stops_make_and_leaves_nothing_half_made(
     assert "Traceback" not in err
     with pytest.raises(ProcessLookupError):
         os.kill(make_pid, 0)
+    compiler_tmp = Path((fake_build / "cc.tmp").read_text().strip())
+    assert compiler_tmp.name.startswith("cc") and not compiler_tmp.exists()
     r = root(fake_build)
     assert not list(r.glob("*.partial"))
     assert kernel.cached_kernel() is None

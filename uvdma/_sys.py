@@ -1,5 +1,8 @@
 """The syscall seam: every open, ioctl, mmap, memfd, eventfd and pagemap read goes here.
 
+So does every access to a device register (:meth:`Kernel.mmio32`): on Linux a plain load or
+store in the mmap'd BAR, behind a fake kernel a trap into a device model.
+
 :func:`kernel` returns the object that performs them; :func:`use_kernel` swaps in a
 stand-in (a fake kernel in the unit tests, a counting wrapper to prove that a path
 makes no system call).  Calls raise :class:`OSError` with the kernel's errno; the
@@ -31,6 +34,16 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 IoctlArg = Any  # a ctypes object passed by reference, a ctypes buffer, or an int
 
 
+class Register(Protocol):
+    """One device register: reading ``value`` is one load of its width, assigning it one store.
+
+    On Linux a ``ctypes.c_uint32``/``c_uint64`` at the mmap'd address; behind a fake kernel, an
+    object that hands each access to a device model as it happens.
+    """
+
+    value: int
+
+
 class Kernel(Protocol):
     """The system calls uvdma makes; a stand-in must have the same signatures."""
 
@@ -49,6 +62,8 @@ class Kernel(Protocol):
     def mlock(self, addr: int, length: int) -> None: ...
     def memlock_limit(self) -> int: ...
     def pagemap_entry(self, vaddr: int) -> int: ...
+    def mmio32(self, addr: int) -> Register: ...
+    def mmio64(self, addr: int) -> Register: ...
 
 
 # A memoryview over the user address space (x86-64: below 2**47, where Linux puts every
@@ -178,6 +193,14 @@ class LinuxKernel:
         finally:
             os.close(fd)
         return int.from_bytes(data, "little")
+
+    def mmio32(self, addr: int) -> Register:
+        """The 32-bit register at ``addr`` in an mmap'd BAR: no system call, one load or store."""
+        return ctypes.c_uint32.from_address(addr)
+
+    def mmio64(self, addr: int) -> Register:
+        """The 64-bit register at ``addr`` in an mmap'd BAR."""
+        return ctypes.c_uint64.from_address(addr)
 
 
 class _Current:

@@ -63,7 +63,9 @@ class Bar:
     """An mmap'd BAR.  Each register access is one load or store of its width.
 
     ``read32``/``write32``/``read64``/``write64`` check the offset is aligned and inside
-    the BAR; a ``ctypes.c_uint32`` at the address compiles to one 32-bit access.
+    the BAR; the access goes through the syscall seam's ``mmio32``/``mmio64`` (on Linux a
+    ``ctypes.c_uint32`` at the address: one 32-bit access, no system call; behind a fake
+    kernel, the device model sees it as it happens).
     """
 
     def __init__(self, region: RegionInfo, addr: int) -> None:
@@ -82,26 +84,26 @@ class Bar:
             )
         return self.addr + offset
 
-    def reg32(self, offset: int) -> ctypes.c_uint32:
-        """A 32-bit register as a ctypes object, checked once: ``.value`` is one load or
-        store.  For hot registers (doorbells), where the per-access check would cost."""
-        return ctypes.c_uint32.from_address(self._at(offset, 4))
+    def reg32(self, offset: int) -> _sys.Register:
+        """A 32-bit register as an object, checked once: ``.value`` is one load or store.
+        For hot registers (doorbells), where the per-access check would cost."""
+        return _sys.kernel().mmio32(self._at(offset, 4))
 
     def read32(self, offset: int) -> int:
         """One 32-bit load."""
-        return ctypes.c_uint32.from_address(self._at(offset, 4)).value
+        return _sys.kernel().mmio32(self._at(offset, 4)).value
 
     def write32(self, offset: int, value: int) -> None:
         """One 32-bit store."""
-        ctypes.c_uint32.from_address(self._at(offset, 4)).value = value
+        _sys.kernel().mmio32(self._at(offset, 4)).value = value
 
     def read64(self, offset: int) -> int:
         """One 64-bit load."""
-        return ctypes.c_uint64.from_address(self._at(offset, 8)).value
+        return _sys.kernel().mmio64(self._at(offset, 8)).value
 
     def write64(self, offset: int, value: int) -> None:
         """One 64-bit store."""
-        ctypes.c_uint64.from_address(self._at(offset, 8)).value = value
+        _sys.kernel().mmio64(self._at(offset, 8)).value = value
 
     def close(self) -> None:
         """munmap the BAR. Idempotent."""

@@ -20,6 +20,7 @@ which step failed and what to do.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -325,6 +326,47 @@ def _install_packages(progress: Progress, root: Path) -> None:
                 )
 
 
+class _Build:
+    """One build in ``root/<key>.partial``: its log, its steps, its publication."""
+
+    def __init__(self, root: Path, key: str, log: IO[bytes], progress: Progress) -> None:
+        self.root = root
+        self.key = key
+        self.work = root / f"{key}.partial"
+        self.log_path = root / f"{key}.log"
+        self.log = log
+        self.progress = progress
+        # Compilers' temporary files go in the work tree: removed with it, even after a kill.
+        self.env = {**os.environ, "TMPDIR": str(self.work / "tmp")}
+
+    def step(self, what: str, cmd: list[str], cwd: Path | None = None, count: bool = False) -> None:
+        """Run one step with its output in the log; a failure names the step and the fix."""
+        self.log.write(f"\n==> {what}: {' '.join(cmd)}\n".encode())
+        self.log.flush()
+        rc = _run_logged(
+            cmd, self.log, cwd=cwd, env=self.env, progress=self.progress if count else None
+        )
+        if rc == 0:
+            return
+        tail = _tail(self.log_path)
+        if "No space left on device" in tail:
+            fix = (
+                f"the disk is full: free about {SPACE_NEEDED >> 30} GB in {self.root} or set "
+                "XDG_CACHE_HOME to a disk with room, then run `uvdma vm kernel` again"
+            )
+        elif what.startswith("make"):
+            fix = (
+                "if the lines above do not say why, report it with the log; "
+                f"`apt-get install --reinstall {' '.join(SOURCE.build_packages)}` rules out "
+                "a broken toolchain"
+            )
+        else:
+            fix = f"reinstall {SOURCE.package} (`apt-get install --reinstall {SOURCE.package}`)"
+        raise KernelBuildError(
+            f"{what} failed (exit {rc}):\n{tail}\n{fix}\nthe whole log: {self.log_path}"
+        )
+
+
 def _build_into(
     root: Path, key: str, version: str, fragment: str, progress: Progress, jobs: int | None
 ) -> None:
@@ -332,15 +374,12 @@ def _build_into(
     log_path = root / f"{key}.log"
     try:
         work.mkdir()
+        (work / "tmp").mkdir()
         with log_path.open("wb") as log:
+            b = _Build(root, key, log, progress)
             progress.status("unpacking the source", force=True)
-            _step(
-                "unpacking the kernel source",
-                ["tar", "-xf", str(SOURCE.tarball), "-C", str(work)],
-                log,
-                log_path,
-                root,
-            )
+            unpack = ["tar", "-xf", str(SOURCE.tarball), "-C", str(work)]
+            b.step("unpacking the kernel source", unpack)
             trees = [p for p in work.iterdir() if (p / "Makefile").is_file()]
             if len(trees) != 1:
                 raise KernelBuildError(
@@ -349,10 +388,10 @@ def _build_into(
                 )
             src = trees[0]
             progress.status("configuring", force=True)
-            _step("make " + SOURCE.defconfig, ["make", SOURCE.defconfig], log, log_path, root, src)
+            b.step("make " + SOURCE.defconfig, ["make", SOURCE.defconfig], src)
             config = src / ".config"
             config.write_text(merge_config(config.read_text(), fragment))
-            _step("make olddefconfig", ["make", "olddefconfig"], log, log_path, root, src)
+            b.step("make olddefconfig", ["make", "olddefconfig"], src)
             bad = config_mismatches(config.read_text(), fragment)
             if bad:
                 raise KernelBuildError(
@@ -361,15 +400,7 @@ def _build_into(
                     "fix uvdma/vm/guest-kernel.config"
                 )
             n = jobs or len(os.sched_getaffinity(0))
-            _step(
-                "make bzImage",
-                ["nice", "-n", "19", "make", f"-j{n}", "bzImage"],
-                log,
-                log_path,
-                root,
-                src,
-                progress=progress,
-            )
+            b.step("make bzImage", ["nice", "-n", "19", "make", f"-j{n}", "bzImage"], src, True)
             out = work / "out"
             out.mkdir()
             shutil.copy2(src / SOURCE.image, out / "bzImage")
@@ -389,44 +420,12 @@ def _build_into(
 
 
 def _os_error_text(e: OSError, root: Path) -> str:
-    if e.errno == 28:  # ENOSPC
+    if e.errno == errno.ENOSPC:
         return (
             f"the disk holding {root} is full ({e}): free about {SPACE_NEEDED >> 30} GB or "
             "set XDG_CACHE_HOME to a disk with room, then run `uvdma vm kernel` again"
         )
     return f"building the guest kernel: {e}"
-
-
-def _step(
-    what: str,
-    cmd: list[str],
-    log: IO[bytes],
-    log_path: Path,
-    root: Path,
-    cwd: Path | None = None,
-    progress: Progress | None = None,
-) -> None:
-    log.write(f"\n==> {what}: {' '.join(cmd)}\n".encode())
-    log.flush()
-    rc = _run_logged(cmd, log, cwd=cwd, progress=progress)
-    if rc != 0:
-        tail = _tail(log_path)
-        if "No space left on device" in tail:
-            fix = (
-                f"the disk is full: free about {SPACE_NEEDED >> 30} GB in {root} or set "
-                "XDG_CACHE_HOME to a disk with room, then run `uvdma vm kernel` again"
-            )
-        elif what.startswith("make"):
-            fix = (
-                f"if the lines above do not say why, report it with the log; "
-                f"`apt-get install --reinstall {' '.join(SOURCE.build_packages)}` rules out "
-                "a broken toolchain"
-            )
-        else:
-            fix = f"reinstall {SOURCE.package} (`apt-get install --reinstall {SOURCE.package}`)"
-        raise KernelBuildError(
-            f"{what} failed (exit {rc}):\n{tail}\n{fix}\nthe whole log: {log_path}"
-        )
 
 
 def _run_logged(
