@@ -200,7 +200,14 @@ class _Ns:
         self.nsid, self.blocks, self.lba_size = cfg.nsid, cfg.blocks, cfg.lba_size
         self.shift = cfg.lba_size.bit_length() - 1
         # anonymous, unreserved: pages exist once written, and read back zero before
-        self.mem = mmap.mmap(-1, cfg.blocks * cfg.lba_size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+        size = cfg.blocks * cfg.lba_size
+        try:
+            self.mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+        except (OSError, OverflowError) as e:
+            raise ValueError(
+                f"namespace {cfg.nsid}: {size} bytes do not fit in this process's address "
+                f"space ({e}): ask for fewer blocks"
+            ) from e
         self.mv = memoryview(self.mem)
 
 
@@ -423,6 +430,8 @@ class NvmeSim:
         runs now, through the IOMMU mappings of now (unless :meth:`transfer` ran it), then
         the CQE is posted.  Stuck commands are skipped (naming one by ``cid`` is an error).
         Returns how many completed; none on a removed or failed controller."""
+        if n is not None and n < 0:
+            raise ValueError(f"complete {n} commands? n must be 0 or more")
         t0 = self._clock()
         with self._lock:
             try:
@@ -465,6 +474,8 @@ class NvmeSim:
         """:meth:`complete` from a timer thread ``delay`` seconds from now: a slow device.
         A reset meanwhile (CC.EN=0, or a function reset) voids it, as does the command
         being completed or aborted otherwise; with ``cid``, that very command is meant."""
+        if n is not None and n < 0:
+            raise ValueError(f"complete {n} commands? n must be 0 or more")
         with self._lock:
             epoch = self._epoch
             target = self._find(cid, qid) if cid is not None else None

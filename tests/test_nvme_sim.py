@@ -20,6 +20,7 @@ import pytest
 from tests import nvme_sim as S  # noqa: N812
 from tests.fake_kernel import FakeKernel
 from tests.nvme_sim import BDF, NvmeSim, SimConfig, SimNamespace, sim_controller
+from uvdma import _sys
 from uvdma.dma import (
     DmaDevice,
     dma_alloc_coherent,
@@ -337,6 +338,66 @@ def test_a_function_reset_brings_every_register_back(tmp_path: Path) -> None:
         host.vd.reset()  # VFIO_DEVICE_RESET
         assert [host.bar.read32(r) for r in (S.CC, S.CSTS, S.AQA)] == [0, 0, 0]
         assert host.bar.read64(S.ASQ) == 0 and sim.held() == []
+
+
+def test_the_linux_seam_is_a_plain_load_and_store() -> None:
+    buf = (ctypes.c_uint64 * 2)()
+    k = _sys.LinuxKernel()
+    r32, r64 = k.mmio32(ctypes.addressof(buf)), k.mmio64(ctypes.addressof(buf) + 8)
+    assert (type(r32), type(r64)) == (ctypes.c_uint32, ctypes.c_uint64)
+    r32.value, r64.value = 0x1234_5678, 1 << 63
+    assert list(buf) == [0x1234_5678, 1 << 63]
+
+
+def test_doorbells_the_controller_cannot_act_on(tmp_path: Path) -> None:
+    with running(tmp_path) as (_k, sim, host):
+        q = host.create_pair(1, depth=4)
+        _cpu, dma = host.buf(PAGE)
+        q.put(S.IO_READ, 1, 1, dma, cdw=(0, 0, 7))
+        q.sqdb.value = 4  # past the end of a 4-entry SQ: ignored
+        host.bar.write32(S.DOORBELLS + 8 * 9, 1)  # SQ 9 does not exist
+        assert q.reap() == [] and sim.commands == 2  # the two creations only
+        host.vd.config_write(0x04, 2, host.vd.config_read(0x04, 2) & ~0x4)  # bus master off
+        q.ring()
+        assert q.reap() == []  # the device cannot fetch: the command waits in the SQ
+        host.vd.enable_bus_master()
+        q.ring()
+        assert q.reap() == [Cqe(0, 1, 1, 1, 1, 0)]
+
+
+def test_closing_the_device_resets_the_controller(tmp_path: Path) -> None:
+    with sim_controller(tmp_path) as (k, sim):
+        vd = open_device(BDF, sysfs=tmp_path, backend="type1")
+        host = Host(vd)
+        host.enable()
+        q = host.create_pair(1)
+        sim.hold(1)
+        _cpu, dma = host.buf(PAGE)
+        q.submit(S.IO_READ, 1, 1, dma, cdw=(0, 0, 7))
+        sim.complete_after(0.02)
+        host.close()
+        vd.close()  # vfio-pci resets a device when its last fd is released
+        assert sim.held() == [] and sim._cc == 0 and not sim._sqs
+        time.sleep(0.1)
+        assert sim.commands == 2  # Create CQ and SQ; the read was dropped, the timer did nothing
+        assert k.iommu_faults == {}
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    k = FakeKernel()
+    k.add_device(BDF, 10, 0)
+    with pytest.raises(ValueError, match="do not fit in this process's address space"):
+        NvmeSim(k, BDF, SimConfig(namespaces=(SimNamespace(1, 1 << 40),)))
+    with pytest.raises(ValueError, match="need doorbells past the end of BAR0"):
+        NvmeSim(k, BDF, SimConfig(queues=4000))
+    with pytest.raises(ValueError, match="LBA size 520 is not 512 or 4096"):
+        NvmeSim(k, BDF, SimConfig(namespaces=(SimNamespace(1, 8, 520),)))
+    assert k.models == {}  # refused before attaching anything
+    with sim_controller(tmp_path / "d") as (_k, sim):
+        with pytest.raises(ValueError, match="n must be 0 or more"):
+            sim.complete(-1)
+        with pytest.raises(ValueError, match="no command with CID 3 is held on SQ 1"):
+            sim.stick(3, qid=1)
 
 
 # -- admin commands --------------------------------------------------------------------------------
