@@ -79,14 +79,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_bind(args: argparse.Namespace) -> int:
     dev = pci.device(args.address)
-    previous = pci.bind(dev.address)
+    previous = pci.bind(dev.address, force=args.force)
     print(f"{dev.address}: {previous or 'no driver'} -> vfio-pci (group {dev.iommu_group})")
     return 0
 
 
 def _cmd_unbind(args: argparse.Namespace) -> int:
+    from uvdma.vm._signals import signals_as_interrupts  # noqa: PLC0415
+
     dev = pci.device(args.address)
-    now = pci.unbind(dev.address)
+
+    def progress(line: str) -> None:
+        print(f"uvdma: {line}", file=sys.stderr, flush=True)
+
+    with signals_as_interrupts():  # SIGTERM and SIGHUP too: say where the unbind stands
+        now = pci.unbind(dev.address, wait=args.wait, progress=progress)
     print(f"{dev.address}: vfio-pci -> {now or 'no driver'}")
     return 0
 
@@ -160,11 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
     list_p = sub.add_parser("list", help="PCI devices, their drivers and IOMMU groups")
     list_p.add_argument("--json", action="store_true")
     list_p.set_defaults(func=_cmd_list)
-    bind_p = sub.add_parser("bind", help="bind a device to vfio-pci (root)")
+    bind_p = sub.add_parser(
+        "bind",
+        help="bind a device to vfio-pci (root)",
+        description="Bind a device to vfio-pci. Refused, changing nothing, while one of its "
+        "block devices is mounted, used as swap, held by device-mapper/md/LVM or open in a "
+        "process (each use is named), unless --force.",
+    )
     bind_p.add_argument("address", metavar="BDF")
+    bind_p.add_argument(
+        "--force",
+        action="store_true",
+        help="take the device even if its block devices are in use (their users get I/O errors)",
+    )
     bind_p.set_defaults(func=_cmd_bind)
-    unbind_p = sub.add_parser("unbind", help="give a device back to the driver it had (root)")
+    unbind_p = sub.add_parser(
+        "unbind",
+        help="give a device bound to vfio-pci back to the driver it had (root)",
+        description="Give a device bound to vfio-pci back to the driver it had before "
+        "`uvdma bind` (else to the kernel's choice). A process holding the device is asked "
+        "to let go (VFIO's device request); if it has not within --wait seconds, they are "
+        "named and the command exits 1, and the device goes back to its driver as soon as "
+        "they do (the work goes on in the background; Ctrl-C does not stop it). A device "
+        "bound to any other driver is refused and nothing changes.",
+    )
     unbind_p.add_argument("address", metavar="BDF")
+    unbind_p.add_argument(
+        "--wait",
+        type=int_arg(0, 86400),
+        default=int(pci.UNBIND_WAIT),
+        metavar="SECONDS",
+        help=f"how long to wait for the holders (default {int(pci.UNBIND_WAIT)})",
+    )
     unbind_p.set_defaults(func=_cmd_unbind)
     doc_p = sub.add_parser("doctor", help="check that this machine is ready, and say the fixes")
     doc_p.add_argument("address", metavar="BDF", nargs="?")

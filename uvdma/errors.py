@@ -57,3 +57,40 @@ class VmTimeoutError(VmError, TimeoutError):
 
 class PciError(UvdmaError):
     """A PCI device could not be found, parsed, bound or unbound."""
+
+
+class DeviceInUseError(PciError):
+    """``bind`` refused: a block device of the PCI device is mounted, swap, held or open.
+
+    ``users`` lists each use found, one line each (mount point, swap, holder, pid).
+    """
+
+    def __init__(self, message: str, users: list[str]) -> None:
+        super().__init__(message)
+        self.users = users
+
+
+class UnbindPendingError(PciError):
+    """``unbind`` gave up waiting: a process still holds the device.
+
+    The unbind goes on in the background and gives the device back to its driver as soon
+    as the holders let go; ``holders`` names them as ``(pid, comm)``.
+    """
+
+    def __init__(self, message: str, holders: list[tuple[int, str]]) -> None:
+        super().__init__(message)
+        self.holders = holders
+
+
+class ClosedError(UvdmaError):
+    """An object was used after ``close()`` (or ``free()``/``destroy()``); the message
+    names the object.  A second ``close()`` is never an error."""
+
+
+class DeviceReleasedError(ClosedError):
+    """The kernel asked for the device back (``uvdma unbind``, hot-unplug) and uvdma gave
+    it up: every later use of the device, its BARs and its DMA raises this."""
+
+
+class DomainInUseError(UvdmaError):
+    """An IOMMU domain was asked to close while devices still use it; nothing changed."""
