@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -88,6 +90,8 @@ class FakeKernel:
         self.next_fd = 100
         self.next_addr = 0x7F00_0000_0000
         self.calls: list[str] = []
+        self._cv = threading.Condition()  # eventfd waits (wait_readable blocks, as poll does)
+        self.retired: list[int] = []  # BAR addresses replaced by inert memory (mmap_fixed)
         self.containers: dict[int, dict[str, Any]] = {}
         self.ioas: dict[int, dict[int, int]] = {}
         self.pinned = 0
@@ -180,8 +184,28 @@ class FakeKernel:
         self.iommu_faults.setdefault(bdf, []).append(IommuFault(iova, kind, "blocked"))
 
     # -- the Kernel protocol -------------------------------------------------------------------
+    def request(self, bdf: str) -> bool:
+        """vfio_pci_core_request: the kernel asking for device ``bdf`` back (an unbind);
+        signals the eventfd registered at VFIO_PCI_REQ_IRQ_INDEX, if any."""
+        fds = self.irqs.get((bdf, V.PciIrq.VFIO_PCI_REQ_IRQ_INDEX), [])
+        for fd in fds:
+            self.signal(fd)
+        return bool(fds)
+
+    def device_open(self, bdf: str) -> bool:
+        """Whether any fd still holds device ``bdf`` (what vfio_unregister_group_dev waits
+        for)."""
+        return any(f.kind in ("device", "cdev") and f.obj.bdf == bdf for f in self.fds.values())
+
+    def _last_device_fd_gone(self, f: Fd) -> None:
+        if f.kind in ("device", "cdev") and not self.device_open(f.obj.bdf):
+            for key in [k for k in self.irqs if k[0] == f.obj.bdf]:
+                del self.irqs[key]  # vfio_pci_core_close_device turns every interrupt off
+
     def open(self, path: str, flags: int) -> int:
         self.calls.append(f"open {path}")
+        if path == "/dev/null":
+            return self._new("null")
         for prefix, page in self.hugetlbfs.items():
             if path.startswith(prefix):
                 fd = self._new("memfd")
@@ -210,6 +234,34 @@ class FakeKernel:
         f = self.fds.pop(fd, None)
         if f is None:
             raise err(errno.EBADF)
+        self._dropped(f)
+
+    def dup2(self, fd: int, fd2: int) -> None:
+        self.calls.append("dup2")
+        src = self.fds.get(fd)
+        if src is None:
+            raise err(errno.EBADF)
+        if fd2 in self.fds:
+            self.close(fd2)  # what the kernel does to the file fd2 held
+        self.fds[fd2] = Fd(src.kind, src.obj, dict(src.extra))
+
+    def mmap_fixed(
+        self, addr: int, length: int, prot: int, flags: int, fd: int, offset: int
+    ) -> int:
+        self.calls.append("mmap_fixed")
+        if fd == -1 and any(ctypes.addressof(d.bar0) == addr for d in self.devices.values()):
+            self._model_bars.pop(addr, None)  # the device model no longer sees that range
+            self.retired.append(addr)
+            return addr
+        raise err(errno.EINVAL)  # only BARs are retired in place here
+
+    def _null_ioctl(self, f: Fd, request: int, arg: Any) -> int:
+        raise err(errno.ENOTTY)
+
+    def _dropped(self, f: Fd) -> None:
+        with self._cv:
+            self._cv.notify_all()  # a wait on a closed eventfd ends
+        self._last_device_fd_gone(f)
         self.iommu_gen += 1
         if (
             f.kind in ("device", "cdev")
@@ -385,6 +437,10 @@ class FakeKernel:
             if s.flags & V.IrqSetFlags.VFIO_IRQ_SET_DATA_EVENTFD:
                 fds = (ctypes.c_int32 * s.count).from_buffer(arg, ctypes.sizeof(s))
                 self.irqs[(d.bdf, s.index)] = list(fds)
+            elif s.count and (d.bdf, s.index) in self.irqs:
+                # DATA_NONE with a count: loopback, the eventfd is signalled
+                for efd in self.irqs[(d.bdf, s.index)][s.start : s.start + s.count]:
+                    self.signal(efd)
             else:
                 self.irqs.pop((d.bdf, s.index), None)
             return 0
@@ -501,6 +557,8 @@ class FakeKernel:
         self.fds[fd].extra["size"] = length
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
+        if self.fds[fd].kind == "null":
+            return b""
         d: FakeDevice = self.fds[fd].obj
         index, off = offset >> 40, offset & ((1 << 40) - 1)
         if index != V.PciRegion.VFIO_PCI_CONFIG_REGION_INDEX:
@@ -508,6 +566,8 @@ class FakeKernel:
         return bytes(d.config[off : off + size])
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        if self.fds[fd].kind == "null":
+            return len(data)
         d: FakeDevice = self.fds[fd].obj
         off = offset & ((1 << 40) - 1)
         d.config[off : off + len(data)] = data
@@ -520,7 +580,9 @@ class FakeKernel:
 
     def signal(self, fd: int) -> None:
         """The device raising the interrupt wired to eventfd ``fd``."""
-        self.fds[fd].extra["count"] += 1
+        with self._cv:
+            self.fds[fd].extra["count"] += 1
+            self._cv.notify_all()
 
     def read(self, fd: int, size: int) -> bytes:
         f = self.fds[fd]
@@ -529,7 +591,18 @@ class FakeKernel:
         return count.to_bytes(8, "little")
 
     def wait_readable(self, fd: int, timeout: float) -> bool:
-        return bool(self.fds[fd].extra.get("count"))
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                f = self.fds.get(fd)
+                if f is None:
+                    raise err(errno.EBADF)
+                if f.extra.get("count"):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
 
     def mlock(self, addr: int, length: int) -> None:
         if not self.privileged and self.mlocked + length > self.memlock:

@@ -49,6 +49,9 @@ from uvdma.dma import (
 )
 from uvdma.dma.debug import POISON_FREE
 from uvdma.dma.pool import default_pool_size, resolve_pool_size
+from uvdma.errors import ClosedError, UvdmaError
+from uvdma.memory import hugepages
+from uvdma.memory.iova import Zone
 from uvdma.vfio import VfioDevice, open_device
 
 BDF = "0000:00:09.0"
@@ -385,3 +388,209 @@ def test_dma_pool_refusals(dev: DmaDevice) -> None:
         pool.free(vaddr + 64, dma + 64)
     assert pool.blocks_out() == 0
     pool.destroy()
+
+
+# -- the refill worker (pool.c's atomic_pool_work_fn) ---------------------------------------
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), UvdmaError("no memory")])
+def test_a_failing_pool_neither_skips_the_others_nor_ends_the_worker(
+    dev: DmaDevice,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+) -> None:
+    p = dev.ctx.pools
+    real = p.pages.alloc_pages
+    broken = {Zone.DMA}
+
+    def alloc_pages(zone: Zone, order: int, *, may_map: bool = True) -> tuple[int, int] | None:
+        if zone in broken:
+            raise error
+        return real(zone, order, may_map=may_map)
+
+    monkeypatch.setattr(p.pages, "alloc_pages", alloc_pages)
+    held = []
+    for pool in (p.dma, p.dma32, p.kernel):  # every pool low: dma is refilled first
+        assert pool is not None
+        held.append((pool, pool.alloc(192 * KiB)))
+    with caplog.at_level("WARNING", logger="uvdma.dma.pool"):
+        p.schedule_work()
+        assert p.flush(10)
+    assert p.pool_size == {"dma": 256 * KiB, "dma32": 512 * KiB, "kernel": 512 * KiB}
+    assert p.refill_errors == 1
+    assert p.last_refill_error is not None
+    assert f"refilling the dma atomic pool: {type(error).__name__}: {error}" in p.last_refill_error
+    assert p.refill_stats() == {
+        "expansions": 2,
+        "refill_errors": 1,
+        "last_refill_error": p.last_refill_error,
+    }
+    assert "refilling the dma atomic pool" in caplog.text  # reported, not swallowed
+    worker = p._worker
+    assert worker is not None and worker.is_alive()  # and the worker lives on
+    broken.clear()  # the cause goes away: the next pass refills it
+    p.schedule_work()
+    assert p.flush(10)
+    assert p.pool_size["dma"] == 512 * KiB and p.refill_errors == 1
+    for pool, vaddr in held:
+        pool.free(vaddr, 192 * KiB)
+    p.close()
+    assert not worker.is_alive()  # close() still stops it
+
+
+# -- use after close ---------------------------------------------------------------------------
+
+
+def test_after_close_a_dma_device_refuses_use_naming_it(
+    fake: tuple[FakeKernel, VfioDevice],
+) -> None:
+    dev = DmaDevice(fake[1], coherent_pool="256K", debug=True)
+    cpu, dma = dma_alloc_coherent(dev, 4096)
+    pool = dma_pool_create("prp", dev, 64)
+    block = pool.alloc()
+    assert len(dev.close()) == 2  # the leaks, reported
+    assert dev.close() == []  # a second close does nothing
+    buf = np.zeros(8192, dtype=np.uint8)
+    for call in (
+        lambda: dma_alloc_coherent(dev, 4096, GFP_KERNEL),
+        lambda: dma_alloc_coherent(dev, 4096, GFP_ATOMIC),
+        lambda: DmaBuffer(dev, 4096),
+        lambda: dma_map_single(dev, buf, DMA_TO_DEVICE),
+        lambda: dma_map_sg(dev, [buf], DMA_TO_DEVICE),
+        lambda: dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64)),
+        lambda: dma_pool_create("late", dev, 64),
+        pool.alloc,
+    ):
+        with pytest.raises(ClosedError, match=r"DmaDevice 0000:00:09\.0 is closed"):
+            call()
+    # what it handed out can still be given back while the domain lives
+    pool.free(*block)
+    pool.destroy()
+    pool.destroy()
+    with pytest.raises(ClosedError, match="DmaPool 'prp' is destroyed"):
+        pool.alloc()
+    dma_free_coherent(dev, 4096, cpu, dma)
+
+
+def test_a_dma_device_on_a_closed_vfio_device_is_refused(
+    fake: tuple[FakeKernel, VfioDevice],
+) -> None:
+    fake[1].close()
+    with pytest.raises(ClosedError, match=r"DmaDevice\(0000:00:09\.0\): VfioDevice .* is closed"):
+        DmaDevice(fake[1])
+
+
+def test_closing_the_vfio_device_leaves_every_dma_object_refusing_never_crashing(
+    fake: tuple[FakeKernel, VfioDevice],
+) -> None:
+    k, vd = fake
+    dev = DmaDevice(vd, coherent_pool="256K")
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))
+    buf = DmaBuffer(dev, 8192)
+    array = np.zeros(8192, dtype=np.uint8)
+    handle = dma_map_single(dev, array, DMA_FROM_DEVICE)  # bounced
+    pool = dma_pool_create("prp", dev, 4096)
+    pool.free(*pool.alloc())  # a free block waits in the pool
+    atomic = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)
+    vd.close()  # the device's own domain goes with it, and its DMA memory
+    assert k.open_kinds() == []
+    with pytest.raises(ClosedError, match=r"VfioDevice 0000:00:09\.0 is closed"):
+        dma_alloc_coherent(dev, 4096, GFP_KERNEL)
+    with pytest.raises(ClosedError, match=r"VfioDevice 0000:00:09\.0 is closed"):
+        dma_alloc_coherent(dev, 4096, GFP_ATOMIC)  # would write zeros into unmapped memory
+    with pytest.raises(ClosedError, match=r"VfioDevice 0000:00:09\.0 is closed"):
+        pool.alloc()  # would hand out a block of unmapped memory
+    with pytest.raises(ClosedError, match="memory went with it"):
+        pool.free(0x1000, 0x1000)
+    with pytest.raises(ClosedError, match="memory went with it"):
+        buf.cpu  # noqa: B018 - the property is the use
+    with pytest.raises(ClosedError, match="memory went with it"):
+        dma_sync_single_for_cpu(dev, handle, 8192, DMA_FROM_DEVICE)  # would copy from it
+    with pytest.raises(ClosedError, match="memory went with it"):
+        dma_unmap_single(dev, handle, 8192, DMA_FROM_DEVICE)
+    with pytest.raises(ClosedError, match="memory went with it"):
+        dma_free_coherent(dev, 4096, *atomic)
+    buf.free()  # nothing left to free: not an error
+    assert buf.freed
+    pool.destroy()
+    assert pool.destroyed
+    dev.close()
+
+
+# -- allocations that cannot be satisfied ----------------------------------------------------------
+
+
+def machine(total: int, available: int, **kw: int | bool) -> hugepages.MemoryStatus:
+    fields: dict[str, int | bool] = {
+        "total": total,
+        "available": available,
+        "locked": 0,
+        "lock_limit": -1,
+        "may_lock_all": True,
+    }
+    fields.update(kw)
+    return hugepages.MemoryStatus(**fields)  # type: ignore[arg-type]
+
+
+def test_impossible_allocations_raise_before_any_memory_is_touched(
+    fake: tuple[FakeKernel, VfioDevice], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k, vd = fake
+    dev = DmaDevice(vd, coherent_pool="256K")
+    # a small machine: 256 MiB, 200 MiB of it available, 64 free 2 MiB hugepages
+    monkeypatch.setattr(hugepages, "memory_status", lambda: machine(256 * MiB, 200 * MiB))
+    counting = CountingKernel(k)
+    before = state(dev)
+    with _sys.use_kernel(counting):
+        # larger than the zones a 32-bit mask allows: refused before anything is asked for
+        with pytest.raises(DmaAllocError, match=r"within mask 0xffffffff"):
+            dma_alloc_coherent(dev, 5 << 30)
+        assert counting.calls == {}
+        # larger than the free hugepages and the available memory
+        dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))
+        with pytest.raises(DmaAllocError, match=r"more than this machine can give"):
+            dma_alloc_coherent(dev, 512 * MiB)
+        assert "mlock" not in counting.calls  # no 4 KiB memory was made, let alone touched
+        with pytest.raises(DmaAllocError, match=r"bounce memory: .*more than this machine"):
+            dma_map_single(dev, np.zeros(300 * MiB + 1, dtype=np.uint8), DMA_TO_DEVICE)
+    assert state(dev) == before  # nothing was left behind
+    # and memory is still usable after
+    cpu, dma = dma_alloc_coherent(dev, 4 * MiB)
+    dma_free_coherent(dev, 4 * MiB, cpu, dma)
+    dev.close()
+
+
+def test_an_allocation_past_rlimit_memlock_says_how_much_is_locked(
+    fake: tuple[FakeKernel, VfioDevice], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _k, vd = fake
+    dev = DmaDevice(vd, coherent_pool="256K")
+    status = machine(8 << 30, 6 << 30, lock_limit=8 * MiB, locked=6 * MiB, may_lock_all=False)
+    monkeypatch.setattr(hugepages, "memory_status", lambda: status)
+    before = state(dev)
+    with pytest.raises(
+        DmaAllocError,
+        match=r"RLIMIT_MEMLOCK is 8388608 bytes and this process has already locked 6291456 "
+        r"bytes \(VmLck .*VFIO has pinned.*ulimit -l",
+    ):
+        dma_alloc_coherent(dev, 4 * MiB)
+    assert state(dev) == before
+    dev.close()
+
+
+def test_only_1g_hugepages_free_are_used_before_4k_pages(
+    fake: tuple[FakeKernel, VfioDevice],
+) -> None:
+    k, vd = fake
+    k.free_hugepages = {2 * MiB: 0, 1 << 30: 1}
+    dev = DmaDevice(vd, coherent_pool="256K")
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))
+    assert k.free_hugepages[1 << 30] == 0  # the kernel pool's first chunk took the 1G page
+    assert dev.ctx.pages.mapped_bytes()["NORMAL"] == 1 << 30  # all of it, to carve
+    mapped = dev.ctx.pages.mapped_bytes()
+    held = [dma_alloc_coherent(dev, 2 * MiB) for _ in range(8)]  # from the same page
+    assert dev.ctx.pages.mapped_bytes() == mapped
+    for cpu, dma in held:
+        dma_free_coherent(dev, 2 * MiB, cpu, dma)
+    dev.close()

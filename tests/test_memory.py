@@ -6,6 +6,7 @@ back DMA is shown in tests/vm/test_vfio.py.
 
 from __future__ import annotations
 
+import errno
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,3 +201,90 @@ def test_hugetlbfs_mounts_are_read_from_proc_mounts(
     monkeypatch.setattr("uvdma.memory.hugepages.Path", fake_path)
     assert hp._hugetlbfs_mount(hp.PAGE_1G) == tmp_path
     assert hp._hugetlbfs_mount(hp.PAGE_2M) is None
+
+
+# -- what an allocation may take -------------------------------------------------------------
+
+
+def status(**kw: int | bool) -> hp.MemoryStatus:
+    fields: dict[str, int | bool] = {
+        "total": 2 * GiB,
+        "available": 1600 * MiB,
+        "locked": 0,
+        "lock_limit": -1,
+        "may_lock_all": True,
+    }
+    fields.update(kw)
+    return hp.MemoryStatus(**fields)  # type: ignore[arg-type]
+
+
+def test_1g_pages_are_used_before_4k_pages_for_small_allocations(fake: FakeKernel) -> None:
+    fake.free_hugepages = {hp.PAGE_2M: 0, hp.PAGE_1G: 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall back to 4 KiB pages, so no warning
+        mem = hp.allocate(2 * MiB)
+    assert (mem.page_size, mem.size, mem.source) == (hp.PAGE_1G, GiB, "memfd 1G")
+    mem.close()
+    assert fake.free_hugepages[hp.PAGE_1G] == 1
+
+
+def test_more_4k_memory_than_the_machine_has_is_refused_before_it_is_made(
+    fake: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.free_hugepages[hp.PAGE_2M] = 0
+    monkeypatch.setattr(hp, "memory_status", status)
+    with pytest.warns(RuntimeWarning), pytest.raises(hp.MemoryShortError) as info:
+        hp.allocate(3 * GiB)
+    assert "1677721600 bytes available" in str(info.value)
+    assert "uvdma hugepages" in str(info.value)
+    assert isinstance(info.value, MemoryError)
+    assert fake.mlocked == 0 and fake.open_kinds() == []
+    mem = hp.allocate(64 * MiB)  # what fits still works
+    mem.close()
+
+
+def test_rlimit_memlock_is_checked_before_memory_is_made_and_says_what_is_locked(
+    fake: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.free_hugepages[hp.PAGE_2M] = 0
+    st = status(lock_limit=64 * MiB, locked=60 * MiB, may_lock_all=False)
+    monkeypatch.setattr(hp, "memory_status", lambda: st)
+    with pytest.warns(RuntimeWarning), pytest.raises(UvdmaOSError) as info:
+        hp.allocate(8 * MiB)
+    assert info.value.errno == errno.ENOMEM
+    assert (
+        "RLIMIT_MEMLOCK is 67108864 bytes and this process has already locked 62914560 bytes"
+        in str(info.value)
+    )
+    assert "VFIO has pinned" in str(info.value) and "ulimit -l" in str(info.value)
+    assert fake.calls.count("munmap") == 0 and fake.open_kinds() == []  # nothing was made
+    assert st.lockable() == 4 * MiB
+    assert status(lock_limit=-1, may_lock_all=False).lockable() is None
+    assert status(lock_limit=MiB).lockable() is None  # CAP_IPC_LOCK: no limit
+
+
+def test_memory_status_reads_meminfo_vmlck_and_cap_ipc_lock(
+    tmp_path: Path, fake: FakeKernel
+) -> None:
+    (tmp_path / "self").mkdir()
+    (tmp_path / "meminfo").write_text(
+        "MemTotal:        2012064 kB\nMemFree:         1794896 kB\nMemAvailable:    1732292 kB\n"
+    )
+    (tmp_path / "self/status").write_text(
+        "Name:\tpython3\nVmLck:\t    2048 kB\nCapEff:\t0000000000004000\n"
+    )
+    fake.memlock = 8 * MiB
+    st = hp.memory_status(tmp_path)
+    assert st == hp.MemoryStatus(2012064 * 1024, 1732292 * 1024, 2 * MiB, 8 * MiB, True)
+    (tmp_path / "self/status").write_text("VmLck:\t0 kB\nCapEff:\t0000000000000000\n")
+    assert not hp.memory_status(tmp_path).may_lock_all
+
+
+def test_fits_says_whether_an_iova_range_could_be_had_without_taking_it() -> None:
+    space = IovaSpace(RANGES)
+    free = space.free_bytes()
+    assert space.fits(2 * MiB, 2 * MiB, Zone.DMA)
+    assert not space.fits(5 * GiB, 4096, Zone.DMA32)  # larger than the zone
+    assert space.fits(5 * GiB, 4096, Zone.NORMAL)
+    assert not space.fits(0) and not space.fits(4096, 3)
+    assert space.free_bytes() == free  # nothing taken

@@ -7,6 +7,8 @@ What a real device does is proven in tests/vm/test_vfio.py.
 from __future__ import annotations
 
 import errno
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,13 +17,22 @@ import pytest
 from tests.fake_kernel import FakeKernel
 from tests.fake_sysfs import make_device
 from uvdma import _sys, pci
-from uvdma.errors import PciError, UvdmaOSError
+from uvdma._uapi import vfio as V  # noqa: N812
+from uvdma.errors import (
+    ClosedError,
+    DeviceReleasedError,
+    DomainInUseError,
+    PciError,
+    UvdmaError,
+    UvdmaOSError,
+)
 from uvdma.memory.iova import Zone
 from uvdma.vfio import (
     DmaMapError,
     GroupNotViableError,
     IommufdDomain,
     Type1Container,
+    VfioDevice,
     choose_backend,
     new_domain,
     open_device,
@@ -30,6 +41,7 @@ from uvdma.vfio import (
 NVME = "0000:00:09.0"
 NVME2 = "0000:00:0a.0"
 MiB = 1 << 20
+REQ = V.PciIrq.VFIO_PCI_REQ_IRQ_INDEX
 
 
 @pytest.fixture
@@ -188,7 +200,11 @@ def test_low_memlock_limit_names_the_fix(fake: FakeKernel, sysfs: Path, backend:
     fake.privileged = False
     fake.memlock = 1 * MiB
     with open_device(NVME, backend=backend, sysfs=sysfs) as dev:
-        with pytest.raises(UvdmaOSError, match=r"RLIMIT_MEMLOCK \(1048576 bytes\).*ulimit -l"):
+        with pytest.raises(
+            UvdmaOSError,
+            match=r"RLIMIT_MEMLOCK is 1048576 bytes and this process has already locked \d+ "
+            r"bytes.*ulimit -l",
+        ):
             dev.domain.map(0x7000_0000_0000, 2 * MiB)
         assert dev.domain.mappings() == []
         dev.domain.map(0x7000_0000_0000, 512 * 1024)  # within the limit it works
@@ -248,3 +264,287 @@ def test_intx_is_unmasked_on_request(fake: FakeKernel, sysfs: Path) -> None:
         assert fake.irqs[(NVME, 0)] == fds
         dev.unmask_irq()
         assert fake.unmasked == [(NVME, 0)]
+
+
+# -- use after close -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["type1", "iommufd"])
+def test_every_method_after_close_is_a_clear_error_naming_the_device(
+    fake: FakeKernel, sysfs: Path, backend: str
+) -> None:
+    dev = open_device(NVME, backend=backend, sysfs=sysfs)
+    bar = dev.bar(0)
+    doorbell = bar.reg32(0x1000)  # a driver keeps these
+    dev.enable_irqs(1)
+    dev.close()
+    dev.close()  # a second close does nothing
+    assert fake.open_kinds() == []
+    calls = {
+        "bar(0)": lambda: dev.bar(0),
+        "region_info(0)": lambda: dev.region_info(0),
+        "region_read(7)": lambda: dev.region_read(7, 0, 4),
+        "region_write(7)": lambda: dev.region_write(7, 0, b"\0"),
+        "config_read": lambda: dev.config_read(0, 2),
+        "config_write": lambda: dev.config_write(4, 2, 6),
+        "capabilities": dev.capabilities,
+        "enable_bus_master": dev.enable_bus_master,
+        "irq_info(2)": lambda: dev.irq_info(2),
+        "enable_irqs(1": lambda: dev.enable_irqs(1),
+        "wait_irq(0)": lambda: dev.wait_irq(0, 0.01),
+        "unmask_irq(0)": dev.unmask_irq,
+        "disable_irqs(2)": dev.disable_irqs,
+        "reset": dev.reset,
+    }
+    for what, call in calls.items():
+        with pytest.raises(ClosedError, match=r"VfioDevice 0000:00:09\.0 is closed") as info:
+            call()
+        assert what.split("(")[0] in str(info.value)
+        assert not isinstance(info.value, DeviceReleasedError)
+    with pytest.raises(UvdmaError, match=r"BAR ?0"):
+        bar.read32(0)
+    # the BAR was not simply unmapped: inert memory holds its place for stale pointers
+    assert fake.retired == [bar.addr]
+    doorbell.value = 1  # harmless
+
+
+def test_a_domain_is_not_closed_while_its_devices_are_open(fake: FakeKernel, sysfs: Path) -> None:
+    domain = new_domain("type1")
+    a = open_device(NVME, domain=domain, sysfs=sysfs)
+    m = domain.map(0x7000_0000_0000, 2 * MiB)
+    with pytest.raises(DomainInUseError, match=r"VfioDevice\(0000:00:09\.0.*close them first"):
+        domain.close()
+    assert not domain.closed and domain.mappings() == [m]  # nothing changed
+    assert a.bar(0).read32(0x08) == 0x00010400  # and the device still works
+    a.close()
+    domain.close()
+    domain.close()
+    assert fake.open_kinds() == []
+    for call in (
+        lambda: domain.map(0x7000_0000_0000, 4096),
+        lambda: domain.unmap(m),
+        lambda: domain.translate(m.iova + (1 << 30)),
+        lambda: open_device(NVME, domain=domain, sysfs=sysfs),
+    ):
+        with pytest.raises(ClosedError, match=r"IommuDomain\(type1, 0 mappings\) is closed"):
+            call()
+    assert fake.open_kinds() == []
+
+
+@pytest.mark.parametrize("backend", ["type1", "iommufd"])
+def test_the_same_device_twice_in_one_process_says_so(
+    fake: FakeKernel, sysfs: Path, backend: str
+) -> None:
+    with open_device(NVME, backend=backend, sysfs=sysfs) as dev:
+        kinds = fake.open_kinds()
+        with pytest.raises(UvdmaOSError, match="already open in this process") as info:
+            open_device(NVME, backend=backend, sysfs=sysfs)
+        assert info.value.errno == errno.EBUSY
+        assert "another process" not in str(info.value)
+        assert fake.open_kinds() == kinds  # the refusal opened nothing
+        assert dev.bar(0).read32(0x08) == 0x00010400
+    with open_device(NVME, backend=backend, sysfs=sysfs):  # once closed it opens again
+        pass
+
+
+def test_a_group_open_in_another_domain_of_this_process_says_so(
+    fake: FakeKernel, sysfs: Path
+) -> None:
+    fake.add_device("0000:00:09.1", 9, 5)  # a second function in group 9
+    make_device(sysfs, "0000:00:09.1", 0x010802, 9, "vfio-pci")
+    with open_device(NVME, backend="type1", sysfs=sysfs) as dev:
+        with pytest.raises(UvdmaOSError, match=r"group 9: it is already open in this process"):
+            open_device("0000:00:09.1", backend="type1", sysfs=sysfs)
+        with open_device("0000:00:09.1", domain=dev.domain, sysfs=sysfs) as other:
+            assert other.group is dev.group  # the fix the message gives works
+
+
+# -- the device request ----------------------------------------------------------------------
+
+
+def finish(dev: VfioDevice) -> None:
+    """Wait for the device's request watcher to finish what it started."""
+    assert dev._watcher is not None
+    dev._watcher.join(timeout=10)
+    assert not dev._watcher.is_alive()
+
+
+@pytest.mark.parametrize("backend", ["type1", "iommufd"])
+def test_every_device_registers_the_request_and_close_stops_the_watcher(
+    fake: FakeKernel, sysfs: Path, backend: str
+) -> None:
+    dev = open_device(NVME, backend=backend, sysfs=sysfs)
+    assert len(fake.irqs[(NVME, REQ)]) == 1
+    watcher = dev._watcher
+    assert watcher is not None and watcher.is_alive() and watcher.daemon
+    dev.close()
+    assert not watcher.is_alive()  # woken through VFIO's loopback, not a timeout
+    assert fake.open_kinds() == []
+    assert not dev.release_requested
+
+
+@pytest.mark.parametrize("backend", ["type1", "iommufd"])
+def test_without_a_handler_uvdma_releases_the_device_so_the_unbind_completes(
+    fake: FakeKernel, sysfs: Path, backend: str
+) -> None:
+    dev = open_device(NVME, backend=backend, sysfs=sysfs)
+    bar = dev.bar(0)
+    doorbell = bar.reg32(0x1000)
+    irq = dev.enable_irqs(1)
+    m = dev.domain.map(0x7000_0000_0000, 2 * MiB)
+    assert fake.request(NVME)  # the kernel asks for it back (an unbind)
+    finish(dev)
+    assert dev.release_requested and dev.closed
+    assert not fake.device_open(NVME)  # released: the unbind can complete
+    if backend == "type1":
+        assert "group" not in fake.open_kinds()  # left the container: DMA ownership ends
+        assert fake.pinned == 0 and dev.domain.detached
+    assert fake.retired == [bar.addr]  # BAR0 is inert memory now
+    doorbell.value = 7  # a stale register pointer cannot crash
+    assert irq[0] in fake.fds  # a thread may still wait on it: kept until close
+    for call in (lambda: dev.bar(0), lambda: dev.config_read(0, 2), dev.reset):
+        with pytest.raises(
+            DeviceReleasedError, match=r"0000:00:09\.0: the kernel asked for it back"
+        ):
+            call()
+    with pytest.raises(UvdmaError, match=r"BAR ?0"):
+        bar.read32(0)
+    if backend == "type1":
+        with pytest.raises(DeviceReleasedError, match="lost its IOMMU"):
+            dev.domain.map(0x7000_0020_0000, 2 * MiB)
+    dev.domain.unmap(m)  # bookkeeping only: the kernel already dropped it
+    dev.close()
+    dev.close()
+    assert fake.open_kinds() == []
+    with open_device(NVME, backend=backend, sysfs=sysfs):  # once rebound it opens again
+        pass
+
+
+def test_a_release_handler_is_called_once_from_the_watcher_and_closes(
+    fake: FakeKernel, sysfs: Path
+) -> None:
+    dev = open_device(NVME, backend="type1", sysfs=sysfs)
+    seen: list[tuple[VfioDevice, str, bool]] = []
+
+    def handler(d: VfioDevice) -> None:
+        seen.append((d, threading.current_thread().name, d.bar(0).read32(0x08) == 0x00010400))
+        d.close()
+
+    dev.on_release_request(handler)
+    fake.request(NVME)
+    finish(dev)
+    assert seen == [(dev, "uvdma-req-0000:00:09.0", True)]  # the device still worked in it
+    assert dev.closed and dev.release_requested
+    assert fake.open_kinds() == []
+    with pytest.raises(ClosedError, match="is closed") as info:
+        dev.bar(0)
+    assert not isinstance(info.value, DeviceReleasedError)  # closed by the handler, not uvdma
+
+
+@pytest.mark.parametrize("behaviour", ["returns", "raises"])
+def test_a_handler_that_does_not_close_still_gets_the_device_released(
+    fake: FakeKernel, sysfs: Path, behaviour: str
+) -> None:
+    dev = open_device(NVME, backend="type1", sysfs=sysfs)
+
+    def handler(d: VfioDevice) -> None:
+        if behaviour == "raises":
+            raise RuntimeError("the handler's own bug")
+
+    dev.on_release_request(handler)
+    fake.request(NVME)
+    finish(dev)
+    assert dev.closed and not fake.device_open(NVME)
+    with pytest.raises(DeviceReleasedError):
+        dev.bar(0)
+    dev.close()
+    assert fake.open_kinds() == []
+
+
+def test_setting_the_handler_to_none_restores_the_default(fake: FakeKernel, sysfs: Path) -> None:
+    dev = open_device(NVME, backend="type1", sysfs=sysfs)
+    called: list[VfioDevice] = []
+    dev.on_release_request(called.append)
+    dev.on_release_request(None)
+    with pytest.raises(TypeError, match="callable or None"):
+        dev.on_release_request(42)  # type: ignore[arg-type]
+    fake.request(NVME)
+    finish(dev)
+    assert called == [] and dev.closed and not fake.device_open(NVME)
+    dev.close()
+
+
+def test_releasing_one_device_of_a_shared_domain_keeps_the_others(
+    fake: FakeKernel, sysfs: Path
+) -> None:
+    with new_domain("type1") as domain:
+        a = open_device(NVME, domain=domain, sysfs=sysfs)
+        b = open_device(NVME2, domain=domain, sysfs=sysfs)
+        m = domain.map(0x7000_0000_0000, 2 * MiB)
+        fake.request(NVME)
+        finish(a)
+        assert a.closed and not b.closed
+        assert isinstance(domain, Type1Container)
+        assert [g.number for g in domain.groups] == [10]  # group 9 left, 10 stays
+        assert not domain.detached and fake.pinned == 2 * MiB  # b's DMA still mapped
+        assert b.bar(0).read32(0x08) == 0x00010400
+        domain.unmap(m)
+        a.close()
+        b.close()
+    assert fake.open_kinds() == []
+
+
+def test_two_threads_use_a_device_while_a_third_closes_it(fake: FakeKernel, sysfs: Path) -> None:
+    dev = open_device(NVME, backend="type1", sysfs=sysfs)
+    bar = dev.bar(0)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def use(kind: str) -> None:
+        while not stop.is_set():
+            try:
+                if kind == "bar":
+                    bar.read32(0x08)
+                else:
+                    dev.config_read(0, 2)
+            except UvdmaError as e:
+                errors.append(e)
+                return
+            except BaseException as e:  # anything else is a failure
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=use, args=(k,)) for k in ("bar", "config")]
+    for t in threads:
+        t.start()
+    dev.close()
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert all(isinstance(e, UvdmaError) for e in errors), errors
+    assert fake.open_kinds() == []
+
+
+def test_a_thread_waiting_for_an_interrupt_is_woken_by_close(fake: FakeKernel, sysfs: Path) -> None:
+    dev = open_device(NVME, backend="type1", sysfs=sysfs)
+    dev.enable_irqs(2)
+    got: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            dev.wait_irq(1, 30.0)
+        except BaseException as e:  # the test looks at what it was
+            got.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    deadline = time.monotonic() + 10
+    while dev._waiters == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    start = time.monotonic()
+    dev.close()
+    t.join(timeout=10)
+    assert time.monotonic() - start < 5  # woken, not timed out
+    assert len(got) == 1 and isinstance(got[0], ClosedError), got
+    assert "wait_irq(1): VfioDevice 0000:00:09.0 is closed" in str(got[0])
+    assert fake.open_kinds() == []  # its eventfd was closed once it was out

@@ -26,12 +26,26 @@ Streaming mappings (``dma_map_single``, ``dma_map_sg``) of the caller's own buff
 
 Both honour the streaming ``dma_mask``.  Mapping errors are exceptions, not
 ``DMA_MAPPING_ERROR``.
+
+A request that cannot be satisfied (larger than the zones the mask allows, than the free
+hugepages and the memory the process may lock, than RLIMIT_MEMLOCK) raises
+:class:`DmaAllocError` before any memory is touched, naming the limit.
+
+After :meth:`DmaDevice.close`, or once its :class:`~uvdma.vfio.VfioDevice` is closed (or
+given back to the kernel), allocations, mappings and mask changes raise
+:class:`~uvdma.errors.ClosedError` (:class:`~uvdma.errors.DeviceReleasedError`) naming
+the device; frees and unmaps of what it handed out stay allowed while the IOMMU domain
+(where the memory lives) is open, and raise ``ClosedError`` after.  These are flag checks,
+not locks: every function here may be called from several threads at once, but closing
+while another thread is inside an allocation is the caller's race (quiesce, then close).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +71,8 @@ from uvdma.dma.gfp import (
 )
 from uvdma.dma.pages import PageAllocator
 from uvdma.dma.pool import AtomicPools
-from uvdma.errors import UvdmaError
+from uvdma.errors import ClosedError, UvdmaError, UvdmaOSError
+from uvdma.memory.hugepages import MemoryShortError
 from uvdma.memory.iova import Zone
 from uvdma.vfio.device import VfioDevice
 from uvdma.vfio.domain import DmaMapping, IommuDomain
@@ -85,10 +100,20 @@ class DmaContext:
         except BaseException:
             self.pages.close()
             raise
+        self.closed = False
+        self.devices: weakref.WeakSet[DmaDevice] = weakref.WeakSet()
         domain.add_close_hook(self.close)
 
     def close(self) -> None:
-        """Stop the refill worker, then unmap and free every page."""
+        """Refuse every DmaDevice of the domain from now on, stop the refill worker, then
+        unmap and free every page. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for dev in list(self.devices):
+            dev._dead = (
+                f"DmaDevice {dev.name}: its IOMMU domain is closed (its DMA memory went with it)"
+            )
         self.pools.close()
         self.pages.close()
 
@@ -133,13 +158,22 @@ class DmaDevice:
         coherent_pool: int | str | None = None,
         debug: bool | None = None,
     ) -> None:
+        self._vfio: VfioDevice | None = None
         if isinstance(target, VfioDevice):
+            if target.closed:
+                raise target.closed_error(f"DmaDevice({name or target.address})")
+            self._vfio = target
             self.domain = target.domain
             self.name = name or str(target.address)
         else:
             self.domain = target
             self.name = name or "dma-device"
+        if self.domain.closed:
+            raise ClosedError(f"DmaDevice({self.name}): {self.domain!r} is closed")
+        # None while usable; else why not (the check on every call is this one attribute)
+        self._dead: str | None = None
         self.ctx = dma_context(self.domain, coherent_pool)
+        self.ctx.devices.add(self)
         self.dma_mask = (1 << 32) - 1
         self.coherent_dma_mask = (1 << 32) - 1
         self.bus_dma_limit = 0
@@ -151,11 +185,23 @@ class DmaDevice:
         self.closed = False
 
     def close(self) -> list[str]:
-        """Report leaks (DMA-API debug); returns the leak lines. Idempotent."""
+        """Report leaks (DMA-API debug); returns the leak lines. Idempotent.
+
+        From now on allocations, mappings and mask changes raise ClosedError; frees and
+        unmaps of what is still out remain allowed while the domain is open."""
         if self.closed:
             return []
         self.closed = True
+        if self._dead is None:
+            self._dead = f"DmaDevice {self.name} is closed"
         return self.debug.report_leaks()
+
+    def closed_error(self, what: str) -> ClosedError:
+        """The error for ``what`` on this device now that it cannot be used."""
+        vd = self._vfio
+        if not self.closed and vd is not None and vd.closed:  # the cause, when it is that
+            return vd.closed_error(f"{what} on DmaDevice {self.name}")
+        return ClosedError(f"{what}: {self._dead or f'DmaDevice {self.name} is closed'}")
 
     def __enter__(self) -> DmaDevice:
         return self
@@ -167,6 +213,22 @@ class DmaDevice:
         return (
             f"DmaDevice({self.name}, dma_mask={self.dma_mask:#x}, "
             f"coherent={self.coherent_dma_mask:#x})"
+        )
+
+
+def _check(dev: DmaDevice, what: str) -> None:
+    """Allocations, mappings, masks: refused once the device or its VfioDevice is closed."""
+    vd = dev._vfio
+    if dev._dead is not None or (vd is not None and vd.closed):
+        raise dev.closed_error(what)
+
+
+def _check_free(dev: DmaDevice, what: str) -> None:
+    """Frees and unmaps: refused once the memory is gone with the domain."""
+    if dev.ctx.closed:
+        raise ClosedError(
+            f"{what} on DmaDevice {dev.name}: its IOMMU domain is closed, and the DMA memory "
+            "went with it"
         )
 
 
@@ -203,12 +265,14 @@ def _check_mask(dev: DmaDevice, mask: int, what: str) -> None:
 
 def dma_set_mask(dev: DmaDevice, mask: int) -> None:
     """Set the streaming mask; raises :class:`DmaMaskError` (changing nothing) if unsatisfiable."""
+    _check(dev, "dma_set_mask")
     _check_mask(dev, mask, "dma_set_mask")
     dev.dma_mask = mask
 
 
 def dma_set_coherent_mask(dev: DmaDevice, mask: int) -> None:
     """Set the coherent mask; raises :class:`DmaMaskError` (changing nothing) if unsatisfiable."""
+    _check(dev, "dma_set_coherent_mask")
     _check_mask(dev, mask, "dma_set_coherent_mask")
     dev.coherent_dma_mask = mask
     dev._zone_bits, dev._limit = dma_direct_optimal_gfp_mask(dev)
@@ -216,6 +280,7 @@ def dma_set_coherent_mask(dev: DmaDevice, mask: int) -> None:
 
 def dma_set_mask_and_coherent(dev: DmaDevice, mask: int) -> None:
     """Both masks at once; neither changes if the mask is refused."""
+    _check(dev, "dma_set_mask_and_coherent")
     _check_mask(dev, mask, "dma_set_mask_and_coherent")
     dev.dma_mask = mask
     dev.coherent_dma_mask = mask
@@ -248,14 +313,32 @@ def _zone(gfp: int) -> Zone:
     return Zone.NORMAL
 
 
-def _direct_alloc_pages(dev: DmaDevice, size: int, gfp: int) -> tuple[int, int] | None:
+def _alloc_pages(
+    pages: PageAllocator, zone: Zone, order: int, why: list[UvdmaError]
+) -> tuple[int, int] | None:
+    """alloc_pages, with a shortage of memory (or of RLIMIT_MEMLOCK) as the kernel's NULL;
+    the reason goes into ``why`` for the error message."""
+    try:
+        return pages.alloc_pages(zone, order)
+    except MemoryShortError as e:
+        why.append(e)
+    except UvdmaOSError as e:
+        if e.errno != errno.ENOMEM:
+            raise
+        why.append(e)
+    return None
+
+
+def _direct_alloc_pages(
+    dev: DmaDevice, size: int, gfp: int, why: list[UvdmaError]
+) -> tuple[int, int] | None:
     """``__dma_direct_alloc_pages``: pages in the optimal zone, retried in DMA32 then DMA."""
     zone_bits, phys_limit = dma_direct_optimal_gfp_mask(dev)
     gfp |= zone_bits
     order = get_order(size)
     pages = dev.ctx.pages
     while True:
-        got = pages.alloc_pages(_zone(gfp), order)
+        got = _alloc_pages(pages, _zone(gfp), order, why)
         if got is not None and dma_coherent_ok(dev, got[1], size):
             return got
         if got is not None:
@@ -277,8 +360,9 @@ def dma_alloc_coherent(dev: DmaDevice, size: int, gfp: int = GFP_KERNEL) -> tupl
     """
     if size <= 0:
         raise ValueError(f"dma_alloc_coherent({dev.name}): size must be positive, not {size}")
-    if dev.closed:
-        raise DmaApiError(f"{dev.name} is closed")
+    vd = dev._vfio  # _check, inlined: this is the atomic hot path
+    if dev._dead is not None or (vd is not None and vd.closed):
+        raise dev.closed_error("dma_alloc_coherent")
     size = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)  # PAGE_ALIGN
     if not gfp & __GFP_DIRECT_RECLAIM:
         # dma_direct_alloc_from_pool: the caller cannot block, so no system call here
@@ -296,12 +380,15 @@ def dma_alloc_coherent(dev: DmaDevice, size: int, gfp: int = GFP_KERNEL) -> tupl
         else:
             dev._coherent[dma] = (cpu, size, 0, "", pool)
         return cpu, dma
-    pages = _direct_alloc_pages(dev, size, gfp & ~__GFP_ZERO)
+    why: list[UvdmaError] = []
+    pages = _direct_alloc_pages(dev, size, gfp & ~__GFP_ZERO, why)
     if pages is None:
+        if why:
+            raise DmaAllocError(f"dma_alloc_coherent({dev.name}, {size}): {why[-1]}") from why[-1]
         raise DmaAllocError(
             f"dma_alloc_coherent({dev.name}, {size}): no DMA memory within mask "
-            f"{dev.coherent_dma_mask:#x} (every zone it can use is full or too small): "
-            "free some, or widen the mask with dma_set_coherent_mask"
+            f"{dev.coherent_dma_mask:#x} (every zone it can use is full or too small for "
+            f"{size} bytes): free some, or widen the mask with dma_set_coherent_mask"
         )
     zero(pages[0], size)
     dev.debug.add("coherent", pages[1], pages[0], size)
@@ -318,6 +405,8 @@ def dma_alloc_attrs(
 def dma_free_coherent(dev: DmaDevice, size: int, cpu_addr: int, dma_handle: int) -> None:
     """``dma_free_coherent``: device, size and handle must match the allocation (else
     :class:`DmaApiError`, nothing freed)."""
+    if dev.ctx.closed:
+        _check_free(dev, "dma_free_coherent")
     size = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     rec = dev._coherent.pop(dma_handle, None)
     if rec is None or rec[1] != size or rec[0] != cpu_addr or dev.debug.enabled:
@@ -345,29 +434,52 @@ def dma_free_attrs(
 class DmaBuffer:
     """Coherent DMA memory as an object: ``cpu`` (memoryview), ``array`` (numpy), ``dma``, ``size``.
 
-    Freed by :meth:`free` or by leaving a ``with`` block.
+    Freed by :meth:`free` or by leaving a ``with`` block.  After that ``cpu``, ``array``
+    and ``dma`` raise :class:`~uvdma.errors.ClosedError`; a second free does nothing, and so
+    does a free after the IOMMU domain closed (the memory went with it).
     """
 
     def __init__(self, dev: DmaDevice, size: int, gfp: int = GFP_KERNEL) -> None:
         self.dev = dev
         self.size = size
-        self.vaddr, self.dma = dma_alloc_coherent(dev, size, gfp)
+        self.vaddr, self._dma = dma_alloc_coherent(dev, size, gfp)
         self._freed = False
+
+    def _check(self) -> None:
+        if self._freed:
+            raise ClosedError(f"{self!r} is freed")
+        if self.dev.ctx.closed:
+            raise ClosedError(f"{self!r}: its IOMMU domain is closed (the memory went with it)")
+
+    @property
+    def dma(self) -> int:
+        """The address the device uses."""
+        if self._freed or self.dev.ctx.closed:
+            self._check()
+        return self._dma
+
+    @property
+    def freed(self) -> bool:
+        """Whether :meth:`free` has run (or the memory went with its domain)."""
+        return self._freed or self.dev.ctx.closed
 
     @property
     def cpu(self) -> memoryview:
-        """The memory, as a writable memoryview."""
+        """The memory, as a writable memoryview (valid until :meth:`free`)."""
+        self._check()
         return memoryview((ctypes.c_char * self.size).from_address(self.vaddr)).cast("B")
 
     def array(self, dtype: npt.DTypeLike = np.uint8) -> npt.NDArray[Any]:
-        """The memory as a numpy array of ``dtype`` (no copy)."""
+        """The memory as a numpy array of ``dtype`` (no copy; valid until :meth:`free`)."""
         return np.frombuffer(self.cpu, dtype=dtype)
 
     def free(self) -> None:
-        """``dma_free_coherent``. Idempotent."""
-        if not self._freed:
-            dma_free_coherent(self.dev, self.size, self.vaddr, self.dma)
-            self._freed = True
+        """``dma_free_coherent``. Idempotent; nothing to do once the domain is closed."""
+        if self._freed:
+            return
+        if not self.dev.ctx.closed:
+            dma_free_coherent(self.dev, self.size, self.vaddr, self._dma)
+        self._freed = True
 
     def __enter__(self) -> DmaBuffer:
         return self
@@ -376,7 +488,7 @@ class DmaBuffer:
         self.free()
 
     def __repr__(self) -> str:
-        return f"DmaBuffer(dma={self.dma:#x}, size={self.size}, dev={self.dev.name})"
+        return f"DmaBuffer(dma={self._dma:#x}, size={self.size}, dev={self.dev.name})"
 
 
 # -- streaming mappings --------------------------------------------------------------------------
@@ -424,13 +536,17 @@ def _map_one(dev: DmaDevice, buf: Any, direction: int) -> _Streaming:
             pass  # fall back to bouncing
     order = get_order(size)
     pages = dev.ctx.pages
-    got = pages.alloc_pages(Zone.for_mask(dev.dma_mask), order)
+    why: list[UvdmaError] = []
+    got = _alloc_pages(pages, Zone.for_mask(dev.dma_mask), order, why)
     if got is None or got[1] + size - 1 > dev.dma_mask:
         if got is not None:
             pages.free_pages(got[0], order)
+        what = f"dma_map_single({dev.name}, {size} bytes)"
+        if why:
+            raise DmaAllocError(f"{what}: bounce memory: {why[-1]}") from why[-1]
         raise DmaAllocError(
-            f"dma_map_single({dev.name}, {size} bytes): no bounce memory within mask "
-            f"{dev.dma_mask:#x}: free some mappings, or widen the mask"
+            f"{what}: no bounce memory within mask {dev.dma_mask:#x}: free some mappings, "
+            "or widen the mask"
         )
     if direction in (DMA_TO_DEVICE, DMA_BIDIRECTIONAL):
         copy(got[0], addr, size)
@@ -452,6 +568,7 @@ def dma_map_single(dev: DmaDevice, buf: Any, direction: int) -> int:
     ``buf`` is anything with a C-contiguous buffer (numpy array, bytearray, mmap, ...);
     it is kept alive until unmapped.  Errors are exceptions, never DMA_MAPPING_ERROR.
     """
+    _check(dev, "dma_map_single")
     s = _map_one(dev, buf, direction)
     with dev._lock:
         dev._streaming[s.dma] = s
@@ -469,6 +586,7 @@ def dma_unmap_single_attrs(
 ) -> None:
     """``dma_unmap_single_attrs``: with ``DMA_ATTR_SKIP_CPU_SYNC`` a bounced buffer is
     not copied back (what the device wrote is dropped: a transfer that failed)."""
+    _check_free(dev, "dma_unmap_single")
     with dev._lock:
         dev.debug.take("single", dma, size, direction=direction)
         s = dev._streaming.pop(dma)
@@ -477,6 +595,7 @@ def dma_unmap_single_attrs(
 
 def dma_map_sg(dev: DmaDevice, bufs: Sequence[Any], direction: int) -> list[tuple[int, int]]:
     """``dma_map_sg``: map each buffer; returns [(dma address, length)]. All or nothing."""
+    _check(dev, "dma_map_sg")
     done: list[_Streaming] = []
     try:
         for buf in bufs:
@@ -495,6 +614,7 @@ def dma_map_sg(dev: DmaDevice, bufs: Sequence[Any], direction: int) -> list[tupl
 def dma_unmap_sg(dev: DmaDevice, sg: Sequence[tuple[int, int]], direction: int) -> None:
     """``dma_unmap_sg``: what :func:`dma_map_sg` returned. Checked entirely before anything
     is unmapped."""
+    _check_free(dev, "dma_unmap_sg")
     with dev._lock:
         live = dev.debug.live["sg"]
         for dma, size in sg:  # check every entry before touching any
@@ -510,6 +630,7 @@ def dma_unmap_sg(dev: DmaDevice, sg: Sequence[tuple[int, int]], direction: int) 
 
 
 def _sync(dev: DmaDevice, dma: int, size: int, direction: int, for_cpu: bool) -> None:
+    _check_free(dev, "dma_sync_single_for_" + ("cpu" if for_cpu else "device"))
     with dev._lock:
         s = dev._streaming.get(dma)
     if s is None or size > s.size:

@@ -6,7 +6,9 @@ No block crosses a ``boundary`` (a power of two; by default the allocation itsel
 which is what NVMe PRP lists need.  Free blocks sit on one list, last freed first out,
 as in the kernel since 6.4.  Unlike the kernel, a free of a block that is not out
 (a double free, a foreign address, a wrong dma handle) raises instead of logging, and
-destroying a pool with blocks out is refused instead of leaking them.
+destroying a pool with blocks out is refused instead of leaking them.  After
+``destroy``, or once its device is closed, ``alloc`` raises
+:class:`~uvdma.errors.ClosedError` naming the pool.  Thread-safe (one lock per pool).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from uvdma._sys import zero
 from uvdma.dma.debug import DmaApiError
 from uvdma.dma.direct import DmaDevice, dma_alloc_coherent, dma_free_coherent
 from uvdma.dma.gfp import GFP_KERNEL, PAGE_SIZE
+from uvdma.errors import ClosedError
 
 
 class DmaPool:
@@ -38,6 +41,9 @@ class DmaPool:
                 f"dma_pool_create({name!r}): boundary {boundary} must be a power of two "
                 f"and at least the block size {size}"
             )
+        vd = dev._vfio
+        if dev._dead is not None or (vd is not None and vd.closed):
+            raise dev.closed_error(f"dma_pool_create({name!r})")
         self.name = name
         self.dev = dev
         self.size = size
@@ -66,12 +72,16 @@ class DmaPool:
 
     def alloc(self, gfp: int = GFP_KERNEL) -> tuple[int, int]:
         """``dma_pool_alloc``: (cpu address, dma address) of one block."""
+        dev = self.dev
+        vd = dev._vfio
+        if self._destroyed or dev._dead is not None or (vd is not None and vd.closed):
+            raise self._closed_error("dma_pool_alloc")
         lock = self._lock
         lock.acquire()
         try:
             if not self._free:
                 if self._destroyed:
-                    raise DmaApiError(f"dma_pool {self.name!r} is destroyed")
+                    raise self._closed_error("dma_pool_alloc")
                 self._add_page(gfp)
             block = self._free.pop()
             self._out[block[1]] = block[0]
@@ -87,6 +97,8 @@ class DmaPool:
 
     def free(self, vaddr: int, dma: int) -> None:
         """``dma_pool_free``: give a block back; a block that is not out raises, pool unchanged."""
+        if self._destroyed or self.dev.ctx.closed:
+            raise self._closed_error("dma_pool_free", memory=True)
         lock = self._lock
         lock.acquire()
         try:
@@ -100,12 +112,39 @@ class DmaPool:
         finally:
             lock.release()
 
+    def _closed_error(self, what: str, memory: bool = False) -> ClosedError:
+        """Why ``what`` is refused: the pool destroyed, its device closed, or (``memory``,
+        for frees) its memory gone with the IOMMU domain."""
+        if self._destroyed:
+            return ClosedError(f"{what}: DmaPool {self.name!r} is destroyed")
+        if memory and self.dev.ctx.closed:
+            return ClosedError(
+                f"{what}: DmaPool {self.name!r}: its IOMMU domain is closed (its memory went "
+                "with it)"
+            )
+        return self.dev.closed_error(f"{what} on DmaPool {self.name!r}")
+
+    @property
+    def destroyed(self) -> bool:
+        """Whether :meth:`destroy` has run."""
+        return self._destroyed
+
     def blocks_out(self) -> int:
         """How many blocks are allocated."""
         return len(self._out)
 
     def destroy(self) -> None:
-        """``dma_pool_destroy``: refuses while blocks are out; frees the pages."""
+        """``dma_pool_destroy``: refuses while blocks are out; frees the pages. Idempotent;
+        once the IOMMU domain is closed there is nothing left to free."""
+        if self._destroyed:
+            return
+        if self.dev.ctx.closed:
+            with self._lock:
+                self._out.clear()
+                self._free.clear()
+                self._pages = []
+                self._destroyed = True
+            return
         with self._lock:
             if self._out:
                 raise DmaApiError(

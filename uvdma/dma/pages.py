@@ -11,16 +11,25 @@ larger than 2 MiB gets memory and a mapping of its own.
 
 A zone that has no room falls back downwards (NORMAL, DMA32, DMA) when its new memory
 is mapped, like the kernel's zonelists.
+
+Before any memory is allocated the IOVA space is asked whether the request fits in the
+zone at all, and the memory layer refuses memory the machine does not have
+(:class:`~uvdma.memory.hugepages.MemoryShortError`) or the process may not lock or pin
+(RLIMIT_MEMLOCK: :class:`~uvdma.errors.UvdmaOSError` ENOMEM), so an impossible request
+never touches memory.  Where the memory comes back as a 1 GiB page (the only hugepages
+free), the whole page is mapped and carved when the zone has room for it.
 """
 
 from __future__ import annotations
 
+import errno
 import threading
 from dataclasses import dataclass
 
 from uvdma.dma.gfp import PAGE_SHIFT, PAGE_SIZE
-from uvdma.errors import UvdmaError
+from uvdma.errors import ClosedError, UvdmaError, UvdmaOSError
 from uvdma.genalloc import GenPool, first_fit_order_align
+from uvdma.memory import hugepages
 from uvdma.memory.hugepages import PAGE_2M, HugeMemory, allocate
 from uvdma.memory.iova import IovaExhaustedError, Zone
 from uvdma.vfio.domain import DmaMapping, IommuDomain
@@ -49,9 +58,30 @@ class PageAllocator:
         self.closed = False
 
     def _map(self, size: int, zone: Zone) -> _Region:
+        """New memory of at least ``size`` bytes mapped in ``zone`` (or lower).
+
+        Raises IovaExhaustedError before allocating anything when the zone cannot hold
+        ``size`` bytes, and UvdmaOSError(ENOMEM) when pinning them would pass
+        RLIMIT_MEMLOCK (type1 counts pinned pages against it)."""
+        if not self.domain.iova.fits(size, PAGE_SIZE, zone):
+            raise IovaExhaustedError(f"no room for {size:#x} bytes in zone {zone.name}")
+        status = hugepages.memory_status()
+        lockable = status.lockable()
+        if lockable is not None and size > lockable:
+            raise UvdmaOSError(
+                errno.ENOMEM, f"pinning DMA memory: {hugepages.memlock_fix(size, status)}"
+            )
         mem = allocate(size)
         try:
-            mapping = self.domain.map_memory(mem, zone=zone)
+            try:
+                mapping = self.domain.map_memory(mem, zone=zone)
+            except IovaExhaustedError:
+                if mem.size == size:
+                    raise
+                # a 1 GiB page where the zone has no room for it: map what was asked
+                mapping = self.domain.map(
+                    mem.vaddr, size, zone=zone, align=min(mem.page_size, CHUNK), owner=mem
+                )
         except BaseException:
             mem.close()
             raise
@@ -63,11 +93,13 @@ class PageAllocator:
         """2**order pages from ``zone`` (or a lower one): (vaddr, iova), or None.
 
         None means the zone has no free block and either ``may_map`` is false or no new
-        memory could be mapped there (the kernel's NULL from alloc_pages).
+        memory could be mapped there (the kernel's NULL from alloc_pages).  Memory the
+        machine does not have raises MemoryShortError, and memory past RLIMIT_MEMLOCK
+        UvdmaOSError (ENOMEM), before anything is touched.
         """
         size = PAGE_SIZE << order
         if self.closed:
-            raise UvdmaError("the DMA page allocator of this domain is closed")
+            raise ClosedError("the DMA page allocator of this IOMMU domain is closed")
         if size > CHUNK:
             if not may_map:
                 return None
@@ -91,7 +123,7 @@ class PageAllocator:
             except IovaExhaustedError:
                 return None
             self._regions.append(region)
-            pool.add_virt(region.memory.vaddr, region.mapping.iova, CHUNK)
+            pool.add_virt(region.memory.vaddr, region.mapping.iova, region.mapping.size)
         return pool.dma_alloc(size)
 
     def free_pages(self, vaddr: int, order: int) -> None:

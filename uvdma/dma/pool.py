@@ -13,10 +13,19 @@ domain.  Everything else keeps pool.c's names and order: ``dma_guess_pool``'s ch
 and fallback, the ``phys_addr_ok`` check with the memory given back if it fails,
 zeroing, ``dma_free_from_pool`` answering False for memory that is not from a pool, and
 sizes reported as debugfs's ``dma_pools/pool_size_{dma,dma32,kernel}``.
+
+The worker, like pool.c's ``atomic_pool_work_fn``, refills every pool on each pass.  A
+refill that fails (no memory, a closed domain, any exception) does not skip the other
+pools and never ends the worker: it is logged (logger ``uvdma.dma.pool``), counted in
+``refill_errors`` with its message in ``last_refill_error`` (both in
+:meth:`AtomicPools.refill_stats`), and retried when an allocation next finds the pool
+low.  :meth:`AtomicPools.close` stops the worker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import threading
@@ -38,6 +47,7 @@ MAX_ORDER_NR_PAGES = 1 << MAX_PAGE_ORDER
 _MEMPARSE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+)\s*([kKmMgGtTpPeE]?)\s*$")
 
 PhysAddrOk = Callable[[int, int], bool]  # (dma address, size) -> acceptable?
+log = logging.getLogger(__name__)
 
 
 def memparse(text: str) -> int:
@@ -92,6 +102,8 @@ class AtomicPools:
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self.expansions = 0
+        self.refill_errors = 0  # refills that raised, all pools together
+        self.last_refill_error: str | None = None
         # dma_atomic_pool_init: kernel, then dma, then dma32
         self.kernel = self._init_pool("kernel")
         self.dma = self._init_pool("dma")
@@ -142,20 +154,38 @@ class AtomicPools:
             self.expansions += 1
 
     def _work_fn(self) -> None:
+        """``atomic_pool_work_fn``: every pool on every pass; a failure is reported and
+        the next pool still gets its turn."""
         while True:
             self._work.wait()
             self._work.clear()
             if self._stop:
                 return
             try:
-                self._resize(self.dma, "dma")
-                self._resize(self.dma32, "dma32")
-                self._resize(self.kernel, "kernel")
-            except UvdmaError:
-                pass  # like the kernel's work item: a failed refill is retried next time
+                for pool, name in (
+                    (self.dma, "dma"),
+                    (self.dma32, "dma32"),
+                    (self.kernel, "kernel"),
+                ):
+                    if self._stop:
+                        break
+                    try:
+                        self._resize(pool, name)
+                    except Exception as e:  # reported, and the worker lives on
+                        self._refill_failed(name, e)
             finally:
                 if not self._work.is_set():
                     self._idle.set()
+
+    def _refill_failed(self, name: str, e: Exception) -> None:
+        self.refill_errors += 1
+        self.last_refill_error = f"refilling the {name} atomic pool: {type(e).__name__}: {e}"
+        with contextlib.suppress(Exception):  # a broken log handler must not end the worker
+            log.warning(
+                "uvdma: %s (retried when an allocation next finds the pool low)",
+                self.last_refill_error,
+                exc_info=not isinstance(e, UvdmaError),
+            )
 
     def schedule_work(self) -> None:
         """``schedule_work(&atomic_pool_work)``: no system call on this path."""
@@ -251,6 +281,15 @@ class AtomicPools:
     def stats(self) -> dict[str, int]:
         """debugfs ``dma_pools/``: ``pool_size_dma``, ``pool_size_dma32``, ``pool_size_kernel``."""
         return {f"pool_size_{k}": v for k, v in self.pool_size.items()}
+
+    def refill_stats(self) -> dict[str, int | str | None]:
+        """The refill worker: ``expansions`` done, ``refill_errors`` and the
+        ``last_refill_error`` message (None when there has been none)."""
+        return {
+            "expansions": self.expansions,
+            "refill_errors": self.refill_errors,
+            "last_refill_error": self.last_refill_error,
+        }
 
     def avail(self) -> dict[str, int]:
         """Bytes available in each pool now."""

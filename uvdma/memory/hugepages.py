@@ -1,11 +1,16 @@
 """Hugepage-backed memory for DMA.
 
-Each allocation tries 1 GiB pages (when it is at least 1 GiB), then 2 MiB pages, then
-4 KiB pages; for each hugepage size ``memfd_create(MFD_HUGETLB)`` first and a mounted
-hugetlbfs second.  Falling back to 4 KiB pages works but costs IOMMU mappings and TLB
-reach, so it warns once, naming the fix.  Memory is populated at mmap time (hugetlb
-reserves its pages then, so a shortage is an error now, not a SIGBUS later) and 4 KiB
-memory is locked so it stays resident.  Fresh memory reads as zeros.
+Each allocation tries hugepages first, then 4 KiB pages: 1 GiB then 2 MiB pages when it
+is at least 1 GiB, else 2 MiB then 1 GiB pages (a whole 1 GiB page for a small request
+is still better than 4 KiB pages where only 1 GiB pages are free); for each hugepage size
+``memfd_create(MFD_HUGETLB)`` first and a mounted hugetlbfs second.  Falling back to 4 KiB
+pages works but costs IOMMU mappings and TLB reach, so it warns once, naming the fix.
+Hugetlb memory is populated at mmap time (hugetlb reserves its pages then, so a shortage
+is an error now, not a SIGBUS later).  4 KiB memory is locked so it stays resident, and
+only after a check that the machine has it and the process may lock it: a request larger
+than MemAvailable (less a margin) or than what RLIMIT_MEMLOCK still allows raises
+:class:`MemoryShortError` (or :class:`~uvdma.errors.UvdmaOSError` ENOMEM for the limit)
+before any memory is touched, never an OOM kill.  Fresh memory reads as zeros.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +37,103 @@ _MFD_FLAG = {PAGE_2M: os.MFD_HUGE_2MB, PAGE_1G: os.MFD_HUGE_1GB}
 _warned: set[str] = set()  # one-time warnings already given
 
 
+PROCFS = Path("/proc")
+CAP_IPC_LOCK = 14  # include/uapi/linux/capability.h
+
+
 class HugepagesUnavailableError(UvdmaError):
     """No hugepages of the size asked for, and no fallback allowed."""
+
+
+class MemoryShortError(UvdmaError, MemoryError):
+    """The machine does not have the memory asked for; nothing was allocated."""
+
+
+@dataclass(frozen=True)
+class MemoryStatus:
+    """What limits an allocation of 4 KiB pages: the machine's memory and the lock limit."""
+
+    total: int  # MemTotal
+    available: int  # MemAvailable
+    locked: int  # VmLck of this process: mlock()ed memory and what VFIO type1 has pinned
+    lock_limit: int  # RLIMIT_MEMLOCK (soft), -1 when unlimited
+    may_lock_all: bool  # CAP_IPC_LOCK: the limit does not apply
+
+    def lockable(self) -> int | None:
+        """How many more bytes the process may lock, None when there is no limit."""
+        if self.may_lock_all or self.lock_limit < 0:
+            return None
+        return max(0, self.lock_limit - self.locked)
+
+
+def _kib_fields(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            out[key.strip()] = int(parts[0]) * (KiB if parts[1:2] == ["kB"] else 1)
+    return out
+
+
+def memory_status(procfs: Path = PROCFS) -> MemoryStatus:
+    """MemTotal and MemAvailable (``/proc/meminfo``), this process's VmLck and
+    CAP_IPC_LOCK (``/proc/self/status``), and RLIMIT_MEMLOCK."""
+    meminfo: dict[str, int] = {}
+    status: dict[str, int] = {}
+    cap_eff = 0
+    with contextlib.suppress(OSError):
+        meminfo = _kib_fields((procfs / "meminfo").read_text())
+    with contextlib.suppress(OSError):
+        text = (procfs / "self/status").read_text()
+        status = _kib_fields(text)
+        for line in text.splitlines():
+            if line.startswith("CapEff:"):
+                cap_eff = int(line.split()[1], 16)
+    limit = _sys.kernel().memlock_limit()
+    total = meminfo.get("MemTotal", 0)
+    return MemoryStatus(
+        total=total,
+        available=meminfo.get("MemAvailable", meminfo.get("MemFree", total)),
+        locked=status.get("VmLck", 0),
+        lock_limit=-1 if limit == resource.RLIM_INFINITY else limit,
+        may_lock_all=bool(cap_eff >> CAP_IPC_LOCK & 1),
+    )
+
+
+def memlock_fix(size: int, status: MemoryStatus | None = None) -> str:
+    """The message for a lock or pin of ``size`` bytes that RLIMIT_MEMLOCK refused: the
+    limit, what this process has already locked, and the fix."""
+    st = status or memory_status()
+    limit = "unlimited" if st.lock_limit < 0 else f"{st.lock_limit} bytes"
+    return (
+        f"RLIMIT_MEMLOCK is {limit} and this process has already locked {st.locked} bytes "
+        "(VmLck in /proc/self/status, which counts the memory VFIO has pinned for DMA), so "
+        f"{size} more bytes do not fit: raise the limit (`ulimit -l unlimited`, or memlock "
+        "in /etc/security/limits.conf), free DMA memory, or run as root"
+    )
+
+
+def reserve_margin(status: MemoryStatus) -> int:
+    """Memory a 4 KiB allocation leaves the rest of the machine: 1/32 of it, at least 64 MiB."""
+    return max(status.total // 32, 64 * MiB)
+
+
+def check_small_pages(size: int, status: MemoryStatus | None = None) -> None:
+    """Refuse, before anything is touched, ``size`` bytes of locked 4 KiB memory that the
+    machine does not have or the process may not lock."""
+    st = status or memory_status()
+    room = st.available - reserve_margin(st)
+    if size > room:
+        raise MemoryShortError(
+            f"{size} bytes of DMA memory: no hugepages are free for it, and in 4 KiB pages it "
+            f"is more than this machine can give ({st.available} bytes available, of which "
+            f"{reserve_margin(st)} are left for everything else): ask for less, or reserve "
+            "hugepages (`uvdma hugepages --count N` as root)"
+        )
+    lockable = st.lockable()
+    if lockable is not None and size > lockable:
+        raise UvdmaOSError(errno.ENOMEM, f"locking DMA memory: {memlock_fix(size, st)}")
 
 
 def size_name(size: int) -> str:
@@ -234,8 +335,8 @@ def _try_hugetlb(size: int, page_size: int, name: str) -> HugeMemory | None:
         vaddr = k.mmap(length, prot, flags, fd, 0)
     except OSError as e:
         k.close(fd)
-        if e.errno in (errno.ENOMEM, errno.EINVAL, errno.ENOSPC):
-            return None  # not enough free hugepages of this size
+        if e.errno in (errno.ENOMEM, errno.EINVAL, errno.ENOSPC, errno.EFBIG, errno.EOVERFLOW):
+            return None  # not enough free hugepages of this size (or an absurd size)
         raise
     return HugeMemory(vaddr, length, page_size, fd, source)
 
@@ -243,12 +344,12 @@ def _try_hugetlb(size: int, page_size: int, name: str) -> HugeMemory | None:
 def _small_pages(size: int, name: str) -> HugeMemory:
     k = _sys.kernel()
     length = _round_up(size, PAGE_4K)
+    check_small_pages(length)
     fd = k.memfd_create(name, 0)
     try:
         k.ftruncate(fd, length)
-        vaddr = k.mmap(
-            length, _sys.PROT_READ | _sys.PROT_WRITE, _sys.MAP_SHARED | _sys.MAP_POPULATE, fd, 0
-        )
+        # Not MAP_POPULATE: mlock checks RLIMIT_MEMLOCK before it faults anything in.
+        vaddr = k.mmap(length, _sys.PROT_READ | _sys.PROT_WRITE, _sys.MAP_SHARED, fd, 0)
     except BaseException:
         k.close(fd)
         raise
@@ -258,10 +359,7 @@ def _small_pages(size: int, name: str) -> HugeMemory:
         k.munmap(vaddr, length)
         k.close(fd)
         raise UvdmaOSError(
-            e.errno or errno.ENOMEM,
-            f"locking {length} bytes of DMA memory: RLIMIT_MEMLOCK is "
-            f"{k.memlock_limit()} bytes; raise it (`ulimit -l unlimited`, or memlock in "
-            "/etc/security/limits.conf) or run as root",
+            e.errno or errno.ENOMEM, f"locking DMA memory: {memlock_fix(length)}"
         ) from e
     return HugeMemory(vaddr, length, PAGE_4K, fd, "memfd 4K")
 
@@ -269,16 +367,19 @@ def _small_pages(size: int, name: str) -> HugeMemory:
 def allocate(size: int, page_size: int | None = None, *, fallback: bool = True) -> HugeMemory:
     """Allocate ``size`` bytes of DMA memory, rounded up to the page size used.
 
-    ``page_size`` None tries 1G (when ``size`` is at least 1 GiB), then 2M, then 4K.
-    A given ``page_size`` is tried first; with ``fallback`` False nothing smaller is
-    tried and a shortage raises :class:`HugepagesUnavailableError` naming the fix.
+    ``page_size`` None tries 1G then 2M (when ``size`` is at least 1 GiB) or 2M then 1G
+    (smaller), then 4K.  A given ``page_size`` is tried first; with ``fallback`` False
+    nothing smaller is tried and a shortage raises :class:`HugepagesUnavailableError`
+    naming the fix.  4 KiB memory the machine does not have raises
+    :class:`MemoryShortError`, and more than RLIMIT_MEMLOCK allows
+    :class:`~uvdma.errors.UvdmaOSError` (ENOMEM), both before any memory is touched.
     """
     if size <= 0:
         raise ValueError(f"DMA memory size must be positive, not {size}")
     if page_size is not None and page_size not in (PAGE_4K, *HUGEPAGE_SIZES):
         raise ValueError(f"page size must be 4K, 2M or 1G, not {size_name(page_size)}")
     if page_size is None:
-        order = [PAGE_1G, PAGE_2M] if size >= PAGE_1G else [PAGE_2M]
+        order = [PAGE_1G, PAGE_2M] if size >= PAGE_1G else [PAGE_2M, PAGE_1G]
     else:
         order = [p for p in HUGEPAGE_SIZES if p <= page_size]
     name = "uvdma-dma"

@@ -113,6 +113,19 @@ class IovaSpace:
             "wider DMA mask"
         )
 
+    def fits(
+        self, size: int, align: int = 4096, zone: Zone = Zone.NORMAL, limit: int = (1 << 64) - 1
+    ) -> bool:
+        """Whether :meth:`alloc` with these arguments would succeed now (taking nothing):
+        the check to make before allocating memory that would have nowhere to go."""
+        if size <= 0 or align <= 0 or align & (align - 1):
+            return False
+        with self._lock:
+            return any(
+                self._first_fit(size, align, z.start, min(z.value, limit + 1)) is not None
+                for z in _FALLBACK[zone]
+            )
+
     def reserve(self, iova: int, size: int) -> None:
         """Take exactly [iova, iova + size), which must be free."""
         with self._lock:

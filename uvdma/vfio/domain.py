@@ -4,6 +4,12 @@ Two backends implement it: the type1 container (:mod:`uvdma.vfio.type1`) and an 
 IOAS (:mod:`uvdma.vfio.iommufd`).  Bookkeeping common to both lives here: overlap and
 never-mapped checks before the kernel is asked (so the error names the mapping in the
 way), the IOVA allocator, and teardown (every mapping is unmapped before close).
+
+A domain knows the devices opened in it: :meth:`IommuDomain.close` refuses while any of them
+is still open (close the devices first; a device that made its own domain closes it).  After
+close every use raises :class:`~uvdma.errors.ClosedError`.  Thread-safe: maps, unmaps and
+translations from several threads; closing while another thread maps is the caller's race
+(that thread gets ``ClosedError`` or its mapping is unmapped by the close).
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import bisect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from uvdma.errors import UvdmaError
+from uvdma.errors import ClosedError, DeviceReleasedError, DomainInUseError, UvdmaError
 from uvdma.memory.hugepages import HugeMemory
 from uvdma.memory.iova import IovaSpace, Zone
 
@@ -39,6 +46,13 @@ class DmaMapping:
         return self.iova + self.size - 1
 
 
+class DomainUser(Protocol):
+    """What a domain needs to know of a device opened in it."""
+
+    @property
+    def closed(self) -> bool: ...
+
+
 class IommuDomain:
     """Base of the backends: subclasses provide the ``_kernel_*`` calls and ``info``."""
 
@@ -53,6 +67,34 @@ class IommuDomain:
         self._last_hit: DmaMapping | None = None
         self.extensions: dict[str, object] = {}  # per-domain state of higher layers (the DMA API)
         self.closed = False
+        self._users: list[DomainUser] = []  # the devices opened in this domain
+        # type1: the kernel dropped this domain's IOMMU mappings (its last group left the
+        # container when the kernel took a device back); unmaps are then bookkeeping only
+        self.detached = False
+
+    def _attach_user(self, dev: DomainUser) -> None:
+        with self._lock:
+            self._users.append(dev)
+
+    def _detach_user(self, dev: DomainUser) -> None:
+        with self._lock:
+            if dev in self._users:
+                self._users.remove(dev)
+
+    def users(self) -> list[DomainUser]:
+        """The devices opened in this domain that are still open."""
+        with self._lock:
+            return [d for d in self._users if not d.closed]
+
+    def _check(self, what: str) -> None:
+        if self.closed:
+            raise ClosedError(f"{what}: {self!r} is closed")
+        if self.detached:
+            raise DeviceReleasedError(
+                f"{what}: {self!r} lost its IOMMU: the kernel asked for its last device back "
+                "(uvdma unbind, hot-unplug) and uvdma gave it up; open the device again in a "
+                "new domain"
+            )
 
     def add_close_hook(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` first when the domain closes (last added, first run)."""
@@ -115,8 +157,7 @@ class IommuDomain:
         Raises :class:`DmaMapError` for a range that overlaps an existing mapping or is
         misaligned, and the kernel's error (naming the fix) when it refuses.
         """
-        if self.closed:
-            raise DmaMapError("this IOMMU domain is closed")
+        self._check(f"DMA map of {size:#x} bytes at vaddr {vaddr:#x}")
         page = self.min_page_size()
         if size <= 0 or size % page or vaddr % page or (iova is not None and iova % page):
             raise DmaMapError(
@@ -160,13 +201,16 @@ class IommuDomain:
 
     def unmap(self, mapping: DmaMapping) -> None:
         """Undo :meth:`map`; refuses what this domain never mapped (or already unmapped)."""
+        if self.closed:
+            raise ClosedError(f"DMA unmap of IOVA {mapping.iova:#x}: {self!r} is closed")
         with self._lock:
             if self._maps.get(mapping.iova) != mapping:
                 raise DmaMapError(
                     f"DMA unmap of IOVA {mapping.iova:#x}+{mapping.size:#x}: not mapped in "
                     "this domain (never mapped, or already unmapped)"
                 )
-        self._kernel_unmap(mapping)
+        if not self.detached:  # else the kernel has already dropped it
+            self._kernel_unmap(mapping)
         with self._lock:
             del self._maps[mapping.iova]
             self._starts.remove(mapping.iova)
@@ -186,6 +230,8 @@ class IommuDomain:
         m = self._last_hit  # drivers ask about the same buffers again and again
         if m is not None and m.iova <= iova <= m.last and self._maps.get(m.iova) is m:
             return m.vaddr + (iova - m.iova)
+        if self.closed:
+            raise ClosedError(f"translating IOVA {iova:#x}: {self!r} is closed")
         with self._lock:
             m = self._overlapping(iova, 1)
         if m is None:
@@ -202,9 +248,19 @@ class IommuDomain:
         return None
 
     def close(self) -> None:
-        """Unmap everything still mapped, then release the domain. Idempotent."""
+        """Unmap everything still mapped, then release the domain. Idempotent.
+
+        Refuses (:class:`~uvdma.errors.DomainInUseError`, nothing changed) while devices
+        opened in it are still open: a domain goes after its devices."""
         if self.closed:
             return
+        users = self.users()
+        if users:
+            names = ", ".join(repr(d) for d in users)
+            raise DomainInUseError(
+                f"closing {self!r}: {names} still use it; close them first (a domain is "
+                "closed after its devices). Nothing was changed"
+            )
         try:
             while self._close_hooks:
                 self._close_hooks.pop()()
@@ -213,6 +269,9 @@ class IommuDomain:
                 self.unmap(m)
             self._kernel_close()
             self.closed = True
+
+    def __repr__(self) -> str:
+        return f"IommuDomain({self.backend}, {len(self._maps)} mappings)"
 
     def __enter__(self) -> IommuDomain:
         return self

@@ -18,6 +18,7 @@ from uvdma import _sys, pci
 from uvdma._uapi import iommufd as I  # noqa: N812
 from uvdma._uapi import vfio as V  # noqa: N812
 from uvdma.errors import UvdmaError, UvdmaOSError
+from uvdma.memory.hugepages import memlock_fix
 from uvdma.vfio import _ioctl
 from uvdma.vfio.domain import DmaMapping, IommuDomain
 
@@ -146,8 +147,7 @@ class IommufdDomain(IommuDomain):
             f"IOMMU_IOAS_MAP of {m.size:#x} bytes at IOVA {m.iova:#x}",
             {
                 errno.EEXIST: "the IOVA range is already mapped",
-                errno.ENOMEM: "the pinned memory would pass RLIMIT_MEMLOCK "
-                f"({_sys.kernel().memlock_limit()} bytes): raise it (`ulimit -l`) or run as root",
+                errno.ENOMEM: memlock_fix(m.size),
                 errno.EFAULT: "the virtual address is not mapped in this process",
             },
         )

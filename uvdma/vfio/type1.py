@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,19 @@ from uvdma import _sys, pci
 from uvdma._uapi import vfio as V  # noqa: N812
 from uvdma._uapi import walk_caps
 from uvdma.errors import UvdmaError, UvdmaOSError
+from uvdma.memory.hugepages import memlock_fix
 from uvdma.vfio import _ioctl
 from uvdma.vfio.domain import DmaMapping, IommuDomain
 
 VFIO_CONTAINER = "/dev/vfio/vfio"
 TYPE1_DMA_ENTRY_LIMIT = 65535  # vfio_iommu_type1's dma_entry_limit module parameter default
+
+
+# The groups this process has open: a group opens once (the kernel answers EBUSY to a
+# second open), so a second open from here gets an error that says it is ours.
+_open_groups: dict[int, VfioGroup] = {}
+_open_groups_lock = threading.Lock()
+os.register_at_fork(after_in_child=_open_groups.clear)
 
 
 class GroupNotViableError(UvdmaError):
@@ -53,6 +62,16 @@ class VfioGroup:
     def __init__(self, number: int, sysfs: Path = pci.SYSFS) -> None:
         self.number = number
         self.container: Type1Container | None = None
+        self.closed = True  # until it is open
+        with _open_groups_lock:
+            mine = _open_groups.get(number)
+        if mine is not None:
+            raise UvdmaOSError(
+                errno.EBUSY,
+                f"opening VFIO group {number}: it is already open in this process, in another "
+                "IOMMU domain; open the devices of one group in one domain "
+                "(open_device(..., domain=the_other_device.domain))",
+            )
         path = f"/dev/vfio/{number}"
         self.fd = _open(
             path,
@@ -79,6 +98,8 @@ class VfioGroup:
             _sys.kernel().close(self.fd)
             raise
         self.closed = False
+        with _open_groups_lock:
+            _open_groups[number] = self
 
     def device_fd(self, address: pci.PciAddress) -> int:
         """VFIO_GROUP_GET_DEVICE_FD: the device's fd (the group must be in a container)."""
@@ -100,6 +121,9 @@ class VfioGroup:
         if not self.closed:
             _sys.kernel().close(self.fd)
             self.closed = True
+            with _open_groups_lock:
+                if _open_groups.get(self.number) is self:
+                    del _open_groups[self.number]
             if self.container is not None:
                 self.container._forget(self)
 
@@ -144,6 +168,7 @@ class Type1Container(IommuDomain):
 
     def add_group(self, group: VfioGroup) -> None:
         """Put a group in this container; the first one sets the IOMMU type."""
+        self._check(f"adding group {group.number}")
         fd = ctypes.c_int(self.fd)
         _ioctl.call(
             group.fd,
@@ -167,6 +192,16 @@ class Type1Container(IommuDomain):
     def _forget(self, group: VfioGroup) -> None:
         if group in self.groups:
             self.groups.remove(group)
+        if self._iommu_set and not self.groups and not self.closed:
+            # the last group left: the kernel dropped the IOMMU and every mapping with it
+            self.detached = True
+
+    def release_group(self, group: VfioGroup) -> None:
+        """Let a group go while the domain stays (the kernel asked for its device back):
+        close the group fd, so the group leaves the container and its DMA ownership ends
+        (the device's own driver can then probe it).  When it was the last group, the
+        kernel drops every mapping: the domain is then :attr:`detached`."""
+        group.close()
 
     def info(self, refresh: bool = False) -> Type1Info:
         """VFIO_IOMMU_GET_INFO with its capability chain (IOVA ranges, DMA_AVAIL, migration)."""
@@ -236,8 +271,7 @@ class Type1Container(IommuDomain):
                 errno.ENOSPC: f"the container has reached its limit of mappings "
                 f"({TYPE1_DMA_ENTRY_LIMIT} by default): map larger regions, or raise "
                 "vfio_iommu_type1's dma_entry_limit module parameter",
-                errno.ENOMEM: "the pinned memory would pass RLIMIT_MEMLOCK "
-                f"({_sys.kernel().memlock_limit()} bytes): raise it (`ulimit -l`) or run as root",
+                errno.ENOMEM: memlock_fix(m.size),
                 errno.EEXIST: "the IOVA range is already mapped",
                 errno.EINVAL: "the IOVA is outside the ranges the IOMMU allows, or misaligned",
                 errno.EFAULT: "the virtual address is not mapped in this process",
@@ -245,6 +279,8 @@ class Type1Container(IommuDomain):
         )
 
     def _kernel_unmap(self, m: DmaMapping) -> None:
+        if not self.groups:  # no group, no IOMMU: the kernel dropped the mappings with it
+            return
         arg = V.vfio_iommu_type1_dma_unmap(
             argsz=ctypes.sizeof(V.vfio_iommu_type1_dma_unmap), iova=m.iova, size=m.size
         )
