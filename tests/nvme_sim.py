@@ -130,7 +130,11 @@ class SimConfig:
     Features Number of Queues allocates, whatever is asked (as QEMU does).  ``ready_delay``:
     seconds from CC.EN=1 to CSTS.RDY=1; None: it never becomes ready.  ``aborts``: False makes
     Abort never abort (DW0 bit 0 = 1, "not aborted"), as QEMU 7.2's nvme_abort does.
-    ``clock`` measures :attr:`NvmeSim.busy_ns`.
+    ``clock`` measures :attr:`NvmeSim.busy_ns`: ``time.perf_counter_ns`` (~50 ns a call) counts
+    wall time, so time the thread spent preempted inside the controller counts too;
+    ``time.thread_time_ns`` counts CPU time only but is a system call (~0.7 us here).
+    ``aborts`` and ``ready_delay`` may be changed on a running controller; MDTS and the
+    memory page size take effect at the next CC.EN = 1.
     """
 
     mqes: int = 1023
