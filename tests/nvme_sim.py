@@ -133,8 +133,8 @@ class SimConfig:
     ``clock`` measures :attr:`NvmeSim.busy_ns`: ``time.perf_counter_ns`` (~50 ns a call) counts
     wall time, so time the thread spent preempted inside the controller counts too;
     ``time.thread_time_ns`` counts CPU time only but is a system call (~0.7 us here).
-    ``aborts`` and ``ready_delay`` may be changed on a running controller; MDTS and the
-    memory page size take effect at the next CC.EN = 1.
+    On a running controller ``aborts``, ``queues`` and CAP's fields are read when used;
+    ``ready_delay``, MDTS and the memory page size at the next CC.EN = 1.
     """
 
     mqes: int = 1023
