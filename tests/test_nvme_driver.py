@@ -9,16 +9,29 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from tests.fake_kernel import FakeKernel
 from tests.fake_sysfs import make_device
 from uvdma import _sys, pci
-from uvdma.dma import DmaDevice, dma_pool_create
 from uvdma.vfio import VfioDevice, open_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "nvme"))
-from nvme import CSTS, PAGE, Controller, NvmeError, QueuePair
+from nvme import (
+    CSTS,
+    PAGE,
+    STATUS_NAMES,
+    CommandError,
+    Controller,
+    NvmeError,
+    PrpPlan,
+    fill_prp_lists,
+    plan_prps,
+    prp_list_pages_needed,
+    status_name,
+)
 
 BDF = "0000:00:09.0"
 
@@ -37,42 +50,60 @@ def fake(tmp_path: Path) -> Iterator[tuple[FakeKernel, VfioDevice]]:
         assert k.open_kinds() == [] and k.pinned == 0
 
 
-class _Stub:
-    """The parts of a Controller a QueuePair uses, for building PRPs."""
-
-    def __init__(self, vd: VfioDevice) -> None:
-        self.dma = DmaDevice(vd, coherent_pool="256K")
-        self.dstrd = 0
-        self.bar = vd.bar(0)
-        self.prp_pool = dma_pool_create("prp", self.dma, PAGE, PAGE, 0)
-        self._prp_owned: dict[tuple[int, int], list[tuple[int, int]]] = {}
+def lists_for(plan: PrpPlan) -> list[tuple[npt.NDArray[np.uint64], int]]:
+    """Stand-in list pages: (entries, dma) with dma 0xA0000000 + i pages."""
+    n = prp_list_pages_needed(plan.pages)
+    return [(np.zeros(PAGE // 8, dtype=np.uint64), 0xA000_0000 + i * PAGE) for i in range(n)]
 
 
-def entries(vaddr: int, n: int) -> list[int]:
-    return list((ctypes.c_uint64 * n).from_address(vaddr))
+def test_prps_for_every_shape_of_transfer() -> None:
+    # fits the first page: PRP1 only
+    assert plan_prps(0x10000, 512) == PrpPlan(0x10000, 0, 0)
+    assert fill_prp_lists(plan_prps(0x10000, 512), []) == 0
+    assert plan_prps(0x10000, PAGE) == PrpPlan(0x10000, 0, 0)
+    # two pages: PRP2 is the second page itself
+    plan = plan_prps(0x10200, 4096)
+    assert plan == PrpPlan(0x10200, 0x11000, 1) and prp_list_pages_needed(1) == 0
+    assert fill_prp_lists(plan, []) == 0x11000
+    # three pages: PRP2 points to a list of the other two
+    plan = plan_prps(0x10000, 3 * PAGE)
+    assert plan == PrpPlan(0x10000, 0x11000, 2)
+    lists = lists_for(plan)
+    assert fill_prp_lists(plan, lists) == 0xA000_0000
+    assert list(lists[0][0][:3]) == [0x11000, 0x12000, 0]
+    # an unaligned start touches one more page
+    assert plan_prps(0x10008, 2 * PAGE) == PrpPlan(0x10008, 0x11000, 2)
+    # exactly 512 more pages fit one list; 513 chain into a second
+    assert prp_list_pages_needed(512) == 1 and prp_list_pages_needed(513) == 2
+    assert prp_list_pages_needed(511 + 512) == 2 and prp_list_pages_needed(511 + 513) == 3
 
 
-def test_prps_for_every_shape_of_transfer(fake: tuple[FakeKernel, VfioDevice]) -> None:
-    stub = _Stub(fake[1])
-    q = QueuePair(stub, 1, 8, None)  # type: ignore[arg-type]
-    assert q._prps(0x10000, 512) == (0x10000, 0, [])  # fits the first page: PRP1 only
-    assert q._prps(0x10200, 4096) == (0x10200, 0x11000, [])  # two pages: PRP2 is the second
-    prp1, prp2, lists = q._prps(0x10000, 3 * PAGE)  # three pages: PRP2 points to a list
-    assert prp1 == 0x10000 and len(lists) == 1 and prp2 == lists[0][1]
-    assert entries(lists[0][0], 2) == [0x11000, 0x12000]
-    stub.prp_pool.free(*lists[0])
-    prp1, prp2, lists = q._prps(0x10000, 600 * PAGE)  # 599 more pages: a chained list
-    first, second = lists
-    assert prp2 == first[1]
-    got = entries(first[0], 512)
-    assert got[:511] == [0x11000 + i * PAGE for i in range(511)]
-    assert got[511] == second[1]  # the last entry of a full list points to the next one
-    assert entries(second[0], 88) == [0x11000 + i * PAGE for i in range(511, 599)]
-    for vaddr, dma in lists:
-        stub.prp_pool.free(vaddr, dma)
-    q.free()
-    stub.prp_pool.destroy()
-    assert stub.dma.close() == []
+def test_a_chained_prp_list() -> None:
+    plan = plan_prps(0x10000, 600 * PAGE)  # 599 more pages: 511 in the first list, 88 after
+    lists = lists_for(plan)
+    assert len(lists) == 2
+    assert fill_prp_lists(plan, lists) == lists[0][1]
+    first, second = lists[0][0], lists[1][0]
+    assert [int(x) for x in first[:511]] == [0x11000 + i * PAGE for i in range(511)]
+    assert int(first[511]) == lists[1][1]  # the last entry of a full list points to the next
+    assert [int(x) for x in second[:88]] == [0x11000 + i * PAGE for i in range(511, 599)]
+    assert not second[88:].any()
+
+
+def test_every_status_of_the_generic_and_command_specific_tables_has_its_name() -> None:
+    generic = [*range(0x00, 0x17), *range(0x18, 0x25), *range(0x80, 0x8A)]
+    specific = [*range(0x00, 0x04), *range(0x05, 0x17), *range(0x18, 0x2E), *range(0x80, 0x84)]
+    for sc in generic:
+        assert (0, sc) in STATUS_NAMES, hex(sc)
+    for sc in specific:
+        assert (1, sc) in STATUS_NAMES, hex(sc)
+    assert status_name(0, 0x0C) == "Command Sequence Error"  # the one the old table lacked
+    assert status_name(1, 0x02) == "Invalid Queue Size"
+    assert status_name(2, 0x81) == "Unrecovered Read Error"
+    assert status_name(7, 0x01) == "Vendor Specific"
+    assert status_name(0, 0x17) == "reserved status"
+    e = CommandError("Create I/O SQ 1", 0, 0x0C)
+    assert str(e) == "Create I/O SQ 1: Command Sequence Error (SCT 0x0, SC 0xc)"
 
 
 def test_a_controller_that_never_becomes_ready(
@@ -87,3 +118,18 @@ def test_fatal_status_is_a_clear_error(fake: tuple[FakeKernel, VfioDevice]) -> N
     ctypes.c_uint32.from_address(fake[1].bar(0).addr + CSTS).value = 0x2  # CSTS.CFS
     with pytest.raises(NvmeError, match=r"fatal status \(CSTS\.CFS\)"):
         Controller(fake[1])
+
+
+def test_bad_constructor_arguments_are_refused_before_anything_is_touched(
+    fake: tuple[FakeKernel, VfioDevice],
+) -> None:
+    k = fake[0]
+    before = len(k.calls)
+    for kwargs, msg in (
+        ({"admin_depth": 1}, "admin_depth must be 2..4096"),
+        ({"command_timeout": 0}, "command_timeout must be positive"),
+        ({"io_queues": 70000}, "io_queues must be 1..65535"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            Controller(fake[1], **kwargs)  # type: ignore[arg-type]
+    assert k.calls[before:] == []

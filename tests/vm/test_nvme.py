@@ -24,7 +24,7 @@ from uvdma import pci
 from uvdma.dma import DmaBuffer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "nvme"))
-from nvme import IO_READ, Controller, NvmeError, pattern
+from nvme import IO_READ, CommandTimeoutError, Controller, NvmeError, pattern
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def test_write_read_verify_every_prp_shape(ctrl: Controller, blocks: int, shape:
     back = np.zeros_like(data)
     q.read(ns, lba, back)
     assert np.array_equal(back, data), shape
-    assert ctrl.prp_pool.blocks_out() == 0  # PRP lists went back to the dma_pool
+    assert q.outstanding == 0  # every request collected; their PRP pages stay for reuse
 
 
 def test_dma_buffers_and_in_place_numpy_memory(ctrl: Controller) -> None:
@@ -195,7 +195,9 @@ def test_the_iommu_stops_a_read_into_an_unmapped_iova(ctrl: Controller) -> None:
             q.io(IO_READ, ns, 0, 8, stray, "read")
         # ... and when a command does point there (submitted raw), the IOMMU blocks the DMA:
         assert ctrl.iommu_faults() == []
-        q.wait(q.submit(IO_READ, ns.nsid, stray, 0, (0, 0, 7), "raw read into an unmapped IOVA"))
+        q.complete(
+            q.submit(IO_READ, ns.nsid, stray, 0, (0, 0, 7), "raw read into an unmapped IOVA")
+        )
         faults = ctrl.iommu_faults(wait=10)  # QEMU 7.2 completes it with success; the log says why
         assert faults and all(f.iova >> 12 == stray >> 12 and f.kind == "Write" for f in faults)
         assert "Write access is not set" in faults[0].reason
@@ -222,20 +224,26 @@ def test_bad_input_gets_clear_errors_and_leaves_the_controller_usable(ctrl: Cont
         q.io(IO_READ, ns, 0, 2048, big.dma, "read")
     odd = np.zeros(4096 + 3, dtype=np.uint8)[3:]  # misaligned: bounced, so it still works
     q.read(ns, 0, odd)
-    # a command whose doorbell never reaches the controller never completes
+    # a command whose doorbell never reaches the controller never completes: it is
+    # aborted (QEMU answers "not aborted"), then the controller is reset
     real_doorbell = q._sq_doorbell
     q._sq_doorbell = ctypes.c_uint32()  # doorbell writes land nowhere
     with DmaBuffer(ctrl.dma, 4096) as buf:
         cmd = q.io(IO_READ, ns, 0, 8, buf.dma, "a lost read")
         with pytest.raises(
-            TimeoutError, match=r"a lost read \(cid \d+\) on queue 1: no completion within 0\.3 s"
-        ):
-            q.wait(cmd, timeout=0.3)
-        q._sq_doorbell = real_doorbell
-        real_doorbell.value = q._sq_tail  # ring it late: the controller picks it up
-        q.complete(cmd)
-    data = pattern(ns.lba_size, 40, 8)
+            CommandTimeoutError,
+            match=r"a lost read \(cid \d+\) on queue 1: no completion within 0\.3 s; the abort "
+            r"did not complete it, so controller .* was reset",
+        ) as e:
+            q.complete(cmd, timeout=0.3)
+        assert e.value.reset and not e.value.aborted
+    q._sq_doorbell = real_doorbell
+    assert len(ctrl.resets) == 1 and q.outstanding == 0
+    data = pattern(ns.lba_size, 40, 8)  # the same queue works after the reset
     q.write(ns, 40, data)
+    back = np.zeros_like(data)
+    q.read(ns, 40, back)
+    assert np.array_equal(back, data)
 
 
 def test_the_programs_run(tmp_path: Path) -> None:
