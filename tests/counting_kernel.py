@@ -41,6 +41,16 @@ class CountingKernel:
         self._count("munmap")
         return self.inner.munmap(addr, length)
 
+    def mmap_fixed(
+        self, addr: int, length: int, prot: int, flags: int, fd: int, offset: int
+    ) -> int:
+        self._count("mmap_fixed")
+        return self.inner.mmap_fixed(addr, length, prot, flags, fd, offset)
+
+    def dup2(self, fd: int, fd2: int) -> None:
+        self._count("dup2")
+        return self.inner.dup2(fd, fd2)
+
     def memfd_create(self, name: str, flags: int) -> int:
         self._count("memfd_create")
         return self.inner.memfd_create(name, flags)

@@ -27,7 +27,9 @@ PROT_WRITE = _mmap.PROT_WRITE
 MAP_SHARED = _mmap.MAP_SHARED
 MAP_PRIVATE = _mmap.MAP_PRIVATE
 MAP_ANONYMOUS = _mmap.MAP_ANONYMOUS
-MAP_POPULATE = 0x8000  # linux/mman.h
+MAP_FIXED = 0x10  # linux/mman.h
+MAP_NORESERVE = 0x4000
+MAP_POPULATE = 0x8000
 MAP_HUGETLB = 0x40000
 MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -52,6 +54,10 @@ class Kernel(Protocol):
     def ioctl(self, fd: int, request: int, arg: IoctlArg = 0) -> int: ...
     def mmap(self, length: int, prot: int, flags: int, fd: int, offset: int) -> int: ...
     def munmap(self, addr: int, length: int) -> None: ...
+    def mmap_fixed(
+        self, addr: int, length: int, prot: int, flags: int, fd: int, offset: int
+    ) -> int: ...
+    def dup2(self, fd: int, fd2: int) -> None: ...
     def memfd_create(self, name: str, flags: int) -> int: ...
     def ftruncate(self, fd: int, length: int) -> None: ...
     def pread(self, fd: int, size: int, offset: int) -> bytes: ...
@@ -155,6 +161,20 @@ class LinuxKernel:
 
     def munmap(self, addr: int, length: int) -> None:
         _check(self._munmap(addr, length), "munmap")
+
+    def mmap_fixed(
+        self, addr: int, length: int, prot: int, flags: int, fd: int, offset: int
+    ) -> int:
+        """mmap with MAP_FIXED at ``addr``: replaces whatever was mapped there in one step
+        (there is never a moment with nothing mapped)."""
+        got = self._mmap(addr, length, prot, flags | MAP_FIXED, fd, offset)
+        if got is None or got == MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap (MAP_FIXED) of {length} bytes: {os.strerror(err)}")
+        return int(got)
+
+    def dup2(self, fd: int, fd2: int) -> None:
+        os.dup2(fd, fd2, inheritable=False)
 
     def memfd_create(self, name: str, flags: int) -> int:
         return os.memfd_create(name, flags | os.MFD_CLOEXEC)

@@ -179,7 +179,7 @@ class Bar:
 
     def _at(self, offset: int, width: int) -> int:
         if self._closed:
-            raise UvdmaError(f"BAR{self.region.index} is unmapped")
+            raise self._closed_error()
         if offset < 0 or offset + width > self.size or offset % width:
             raise ValueError(
                 f"BAR{self.region.index} access of {width} bytes at {offset:#x}: must be "
