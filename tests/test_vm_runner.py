@@ -451,7 +451,10 @@ RUNNER = """
 import sys, tempfile
 from pathlib import Path
 tempfile.tempdir = {parent!r}
-from uvdma.vm import runner
+try:
+    from uvdma.vm import runner
+except ImportError:  # the runner before it became a package, to show what it left behind
+    from uvdma import vm as runner
 runner.find_tools = lambda accel: {vng!r}
 runner.find_kernel = lambda: Path("/boot/vmlinuz-test")
 from uvdma.cli import main
