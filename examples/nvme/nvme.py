@@ -805,6 +805,7 @@ class Controller:
         self._failed: NvmeError | None = None  # set when the controller cannot be used
         self._closed = False
         self._resets = 0
+        self._resetting = False
         self._transfers: set[_Transfer] = set()
         self._quarantine: list[_Transfer] = []
         self.io_queues: list[QueuePair] = []
@@ -813,6 +814,8 @@ class Controller:
         self.leaks: list[str] = []
         self.resets: list[str] = []  # why each reset happened
         self.bar: Bar = vfio.bar(0)
+        # the kernel asking for the device back (uvdma unbind, hot-unplug) shuts us down
+        vfio.on_release_request(self._release_requested)
         self.fault_log = IommuFaultLog(vfio.address)  # what the IOMMU blocked, from now on
         self.dma = DmaDevice(vfio)
         try:
@@ -912,7 +915,7 @@ class Controller:
         if csts == ALL_ONES:
             raise ControllerGoneError(f"controller {self.address} reads all-ones: it is gone")
         if csts & CSTS_CFS:
-            raise NvmeError("the controller reports a fatal status (CSTS.CFS); reset it")
+            raise NvmeError("the controller reports a fatal status (CSTS.CFS)")
 
     def _wait_ready(self, ready: bool) -> None:
         deadline = time.monotonic() + self.timeout
@@ -1033,6 +1036,10 @@ class Controller:
             if req.state != INFLIGHT:
                 return  # completed meanwhile (the kernel's "completion polled")
             self._check_usable()
+            if self._resetting:  # a command of the reset itself: the reset fails
+                req.state = FAILED
+                req.error = CommandTimeoutError(f"{what}, during a reset")
+                return
             if q.qid != 0 and not self._closed:
                 try:
                     not_aborted = (
@@ -1064,61 +1071,83 @@ class Controller:
                 self.reset(f"{what}", culprit=req)
 
     def reset(self, reason: str, culprit: Request | None = None) -> None:
-        """Reset the controller: disable it (all DMA stops), fail every command in flight
-        naming it and ``reason``, then bring it back with the same I/O queues, so the
-        QueuePair objects callers hold keep working.  If it cannot be brought back it is
-        marked gone."""
+        """Reset the controller: disable it (all DMA stops), bring it back with the same I/O
+        queues, so the QueuePair objects callers hold keep working, and fail every command
+        that was in flight, naming it and ``reason``.  If it cannot be brought back it is
+        marked gone and its commands say so."""
         with self._quiesced():
             self._check_usable()
-            self._resets += 1
-            self.resets.append(reason)
-            stopped = self._disable()
-            if culprit is not None and culprit.state == INFLIGHT:
-                culprit.state = FAILED
-                culprit.error = CommandTimeoutError(
-                    f"{reason}; the abort did not complete it, so controller {self.address} "
-                    "was reset: the command did not finish and the device no longer touches "
-                    "its memory",
-                    reset=True,
-                )
-            err = ControllerResetError(
-                f"failed: controller {self.address} was reset ({reason}); the command did not "
-                "finish and the device no longer touches its memory"
-            )
-            for q in self._all_queues():
-                q._retire(err)
-                q._reset_state()
-            if not stopped:
-                self._gone(
-                    f"controller {self.address} did not stop within CAP.TO during a reset "
-                    f"({reason}); bus mastering is off"
-                )
-                return
+            if self._resetting:  # a fault while bringing it back: the reset fails
+                raise NvmeError(f"{reason}, during a reset of controller {self.address}")
+            self._resetting = True
+            try:
+                self._reset(reason, culprit)
+            finally:
+                self._resetting = False
+
+    def _reset(self, reason: str, culprit: Request | None) -> None:
+        self._resets += 1
+        self.resets.append(reason)
+        stopped = self._disable()
+        # The device does no DMA now.  The commands stay "in flight" in software until the
+        # verdict below; nobody sees them meanwhile (every queue's lock is held).
+        stale = [(q, r) for q in self._all_queues() for r in q._requests if r.state == INFLIGHT]
+        for q in self._all_queues():
+            q._reset_state()
+        failure = ""
+        if not stopped:
+            failure = "it did not stop within CAP.TO; bus mastering is off"
+        else:
             try:
                 self._enable()
                 self._set_queue_count()
                 if self.queues_granted < len(self.io_queues):
                     raise NvmeError(
-                        f"after the reset the controller grants {self.queues_granted} I/O "
-                        f"queues, fewer than the {len(self.io_queues)} in use"
+                        f"it now grants {self.queues_granted} I/O queues, fewer than the "
+                        f"{len(self.io_queues)} in use"
                     )
                 for q in self.io_queues:
                     self._create_on_device(q)
             except (NvmeError, TimeoutError, UvdmaError) as e:
                 self._disable()
-                self._gone(f"controller {self.address} did not come back after a reset: {e}")
+                failure = f"it did not come back: {e}"
+        after = (
+            f"controller {self.address} was reset ({reason}) and is gone: {failure}"
+            if failure
+            else f"controller {self.address} was reset ({reason})"
+        )
+        kind: type[NvmeError] = ControllerGoneError if failure else ControllerResetError
+        for q, r in stale:
+            r.state = FAILED
+            if r is culprit:
+                r.error = CommandTimeoutError(
+                    f"{reason}; the abort did not complete it, so {after}: the command did not "
+                    "finish and the device no longer touches its memory",
+                    reset=True,
+                )
+            else:
+                r.error = kind(
+                    f"{r.what} (cid {r.cid}) on queue {q.qid}: failed: {after}; the command did "
+                    "not finish and the device no longer touches its memory"
+                )
+        if failure:
+            self._mark_gone(after)
 
     def _gone(self, reason: str) -> None:
         """The controller cannot be used any more: fail everything now; memory its commands
         could reach is kept until close(), when the IOMMU mappings go first."""
         with self._quiesced():
-            if self._failed is None:
-                self._failed = ControllerGoneError(reason)
-            err = ControllerGoneError(f"failed: {reason}")
-            for q in self._all_queues():
-                q._retire(err)
-            self._quarantine.extend(self._transfers)
-            self._transfers.clear()
+            self._mark_gone(reason)
+
+    def _mark_gone(self, reason: str) -> None:
+        """:meth:`_gone` for a caller that holds every lock already (a reset)."""
+        if self._failed is None:
+            self._failed = ControllerGoneError(reason)
+        err = ControllerGoneError(f"failed: {reason}")
+        for q in self._all_queues():
+            q._retire(err)
+        self._quarantine.extend(self._transfers)
+        self._transfers.clear()
 
     # -- streaming mappings of read()/write() ------------------------------------------------
     def _hold(self, t: _Transfer) -> _Transfer:
@@ -1143,6 +1172,19 @@ class Controller:
     def close(self) -> None:
         """Delete the I/O queues, shut down normally (CC.SHN), free all DMA memory, close
         the VFIO device.  Runs to the end whatever the controller does. Idempotent."""
+        self._close(ControllerClosedError(f"controller {self.address} is closed"))
+
+    def _release_requested(self, _dev: VfioDevice) -> None:
+        """The kernel wants the device back (VFIO's device request, from uvdma's watcher
+        thread): shut down cleanly and let go; later calls say why."""
+        self._close(
+            ControllerClosedError(
+                f"controller {self.address} was released: the kernel asked for the device "
+                "back (uvdma unbind or hot-unplug); open it again once it is bound to vfio-pci"
+            )
+        )
+
+    def _close(self, why: ControllerClosedError) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -1153,8 +1195,8 @@ class Controller:
             finally:
                 with self._quiesced():
                     if self._failed is None:
-                        self._failed = ControllerClosedError(f"controller {self.address} is closed")
-                    err = ControllerClosedError(f"failed: controller {self.address} was closed")
+                        self._failed = why
+                    err = ControllerClosedError(f"failed: {why}")
                     for q in self._all_queues():
                         q._retire(err)
                     self._release_all()
