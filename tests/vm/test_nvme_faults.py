@@ -48,7 +48,7 @@ def controllers() -> list[tuple[str, int]]:
     if not iops:
         raise AssertionError(
             "this test needs a throttled controller: boot the guest with "
-            "`uvdma vm run --nvme 3 --nvme-iops 0,0,1` (tools/test does)"
+            "`uvdma vm run --nvme 4 --nvme-iops 0,0,1,0` (tools/test does)"
         )
     limits = [int(x) for x in iops.split(",")]
     return [(str(d.address), n) for d, n in zip(pci.nvme_controllers(), limits, strict=True)]
@@ -351,3 +351,62 @@ def test_closing_with_commands_in_flight_fails_them_and_releases_everything() ->
     # everything was given back, except the DmaBuffer this test never freed (the leak report
     # names it)
     assert len(ctrl.leaks) == 1 and "size 1048576" in ctrl.leaks[0], ctrl.leaks
+
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, {nvme!r})
+import numpy as np
+from nvme import Controller, ControllerClosedError, pattern
+c = Controller.open({bdf!r})
+ns = c.namespace(1)
+q = c.create_io_queues(1)[0]
+print("ready", flush=True)
+lba = 0
+try:
+    while True:
+        data = pattern(ns.lba_size, lba, 8)
+        q.write(ns, lba, data)
+        back = np.zeros_like(data)
+        q.read(ns, lba, back)
+        assert np.array_equal(back, data)
+        lba = (lba + 8) % 4096
+except ControllerClosedError as e:
+    print("stopped:", e, flush=True)
+    print("leaks:", c.leaks, flush=True)
+"""
+
+
+def test_uvdma_unbind_shuts_down_a_controller_in_use_and_the_device_goes_back() -> None:
+    bdf = controllers()[1][0]
+    dev = pci.device(bdf)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.format(nvme=str(ROOT / "examples/nvme"), bdf=bdf)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        r = subprocess.run(
+            [sys.executable, "-m", "uvdma.cli", "unbind", bdf],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert dev.driver == "nvme"  # given back, never left without a driver
+        out, _ = holder.communicate(timeout=60)
+        assert holder.returncode == 0, out
+        assert f"controller {bdf} was released: the kernel asked for the device back" in out
+        assert "leaks: []" in out  # it shut down cleanly: every DMA allocation given back
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if dev.driver != "vfio-pci":
+            pci.bind(bdf)
+    with Controller.open(bdf) as c:  # and it can be opened again
+        assert c.active_namespaces() == [1]
