@@ -161,6 +161,9 @@ def main() -> int:
     except UvdmaError as e:
         print(f"tour: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("tour: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -42,6 +42,9 @@ def main() -> int:
     except (NvmeError, UvdmaError, TimeoutError) as e:
         print(f"identify: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the driver waited for the device before letting this through
+        print("identify: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

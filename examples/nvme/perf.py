@@ -83,6 +83,9 @@ def main() -> int:
     except (NvmeError, UvdmaError, TimeoutError) as e:
         print(f"perf: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the driver waited for the device before letting this through
+        print("perf: interrupted", file=sys.stderr)
+        return 130
     lat = np.array(latencies) * 1e6
     result = {
         "rw": args.rw,

@@ -48,6 +48,9 @@ def main() -> int:
     except (NvmeError, UvdmaError, TimeoutError) as e:
         print(f"rw: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the driver waited for the device before letting this through
+        print("rw: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
