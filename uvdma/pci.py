@@ -428,7 +428,7 @@ def bind(
     previous = dev.driver
     if previous == VFIO_PCI:
         return previous
-    job = _running_job(dev.address)
+    job = _running_job(dev.address, settle=5.0)
     if job is not None:
         raise PciError(
             f"{what}: an unbind of it is still under way (pid {job}); wait for it to finish"
@@ -488,9 +488,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _running_job(address: PciAddress) -> int | None:
-    pid = _read_job(address).get("pid")
-    return pid if isinstance(pid, int) and _alive(pid) else None
+def _running_job(address: PciAddress, settle: float = 0.0) -> int | None:
+    """The pid of a give-back child still at work on ``address``, if any; a job that has
+    given the device back is finishing and is waited for up to ``settle`` seconds."""
+    deadline = time.monotonic() + settle
+    while True:
+        job = _read_job(address)
+        pid = job.get("pid")
+        if not isinstance(pid, int) or job.get("done") or not _alive(pid):
+            return None
+        if job.get("phase") == "unbinding" or time.monotonic() >= deadline:
+            return pid
+        time.sleep(0.05)
 
 
 def _chardev_rdevs(address: PciAddress, sysfs: Path, devfs: Path) -> list[int]:

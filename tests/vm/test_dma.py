@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import mmap
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -159,3 +161,91 @@ def test_the_cannot_block_path_makes_no_system_call(vdev: VfioDevice) -> None:
         assert counting.calls.get("ioctl", 0) >= 1 and counting.calls.get("mmap", 0) >= 1
         dma_free_coherent(dev, 4 << 20, *big)
     assert dev.close() == []
+
+
+# -- allocations that cannot be satisfied: an error, never an OOM kill ---------------------------
+
+LIMITS = """
+import ctypes, resource, sys
+from pathlib import Path
+from tests.vm import nvme_by_hand as nvme
+from uvdma import pci
+from uvdma.dma import (DMA_BIT_MASK, DmaAllocError, DmaDevice, dma_alloc_coherent,
+                       dma_free_coherent, dma_set_mask_and_coherent)
+from uvdma.vfio import open_device
+
+def vmlck():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1]) * 1024
+
+if sys.argv[1] == "memlock":  # as a process without CAP_IPC_LOCK: RLIMIT_MEMLOCK counts
+    class Head(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint32) for n in ("effective", "permitted", "inheritable")]
+    libc = ctypes.CDLL(None, use_errno=True)
+    head, data = Head(0x20080522, 0), (Data * 2)()
+    assert libc.capget(ctypes.byref(head), data) == 0
+    data[0].effective &= ~(1 << 14)  # CAP_IPC_LOCK
+    data[0].permitted &= ~(1 << 14)
+    assert libc.capset(ctypes.byref(head), data) == 0
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (16 << 20, 16 << 20))
+
+with open_device(pci.nvme_controllers()[0].address) as vd:
+    dev = DmaDevice(vd, coherent_pool="128K")
+    asks = [(32, 5 << 30), (64, 3 << 30)] if sys.argv[1] == "size" else [(64, 32 << 20)]
+    for bits, size in asks:
+        dma_set_mask_and_coherent(dev, DMA_BIT_MASK(bits))
+        try:
+            dma_alloc_coherent(dev, size)
+            print(f"{bits} {size}: allocated", flush=True)
+        except DmaAllocError as e:
+            print(f"{bits} {size}: DmaAllocError: {e}", flush=True)
+    print(f"locked {vmlck()}", flush=True)
+    # and memory is still usable: the device DMAs an Identify into new allocations
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))
+    sq, cq, data = (dma_alloc_coherent(dev, 4096) for _ in range(3))
+    out = nvme.identify_controller(vd, nvme.Placement(sq, cq, data))
+    print("identify:", out[24:64].decode().strip(), flush=True)
+    nvme.disable(vd)
+    for cpu, dma in (sq, cq, data):
+        dma_free_coherent(dev, 4096, cpu, dma)
+    dev.close()
+"""
+
+
+def limits(case: str) -> subprocess.CompletedProcess[str]:
+    """Run LIMITS in a process of its own: an OOM kill shows as its death, not ours."""
+    return subprocess.run(
+        [sys.executable, "-c", LIMITS, case],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_allocations_larger_than_the_zone_or_the_machine_raise_and_the_process_lives() -> None:
+    # 2 GiB guest, 64 hugepages of 2 MiB: 5 GiB cannot fit under a 32-bit mask, and 3 GiB
+    # is more than the free hugepages and the memory there is
+    r = limits("size")
+    assert r.returncode == 0, r.stdout + r.stderr  # not OOM-killed (-9), no traceback
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"32 {5 << 30}: DmaAllocError: ")
+    assert "within mask 0xffffffff" in lines[0]
+    assert lines[1].startswith(f"64 {3 << 30}: DmaAllocError: ")
+    assert "more than this machine can give" in lines[1]
+    assert lines[-1] == "identify: QEMU NVMe Ctrl"
+
+
+def test_an_allocation_past_rlimit_memlock_says_how_much_this_process_has_locked() -> None:
+    r = limits("memlock")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    locked = int(lines[1].split()[1])
+    assert locked > 0  # VFIO's pinned DMA memory shows in VmLck
+    assert lines[0].startswith(f"64 {32 << 20}: DmaAllocError: ")
+    assert "RLIMIT_MEMLOCK is 16777216 bytes and this process has already locked" in lines[0]
+    assert "ulimit -l" in lines[0]
+    assert lines[-1] == "identify: QEMU NVMe Ctrl"  # what fits under the limit still works

@@ -39,7 +39,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from uvdma import _sys, pci
 from uvdma._uapi import vfio as V  # noqa: N812
@@ -66,8 +65,6 @@ PCI_CAP_ID_MSI = 0x05
 PCI_CAP_ID_MSIX = 0x11
 PCI_CAP_ID_EXP = 0x10
 REQ_IRQ = V.PciIrq.VFIO_PCI_REQ_IRQ_INDEX
-MAP_FIXED = 0x10  # linux/mman.h
-MAP_NORESERVE = 0x4000
 _WATCH_POLL = 3600.0  # the watcher sleeps in poll(); close() wakes it through VFIO's loopback
 _RELEASED = (
     "the kernel asked for it back (uvdma unbind, hot-unplug) and uvdma released it; open it "
@@ -80,24 +77,21 @@ ReleaseHandler = Callable[["VfioDevice"], None]
 
 def _retire_mapping(addr: int, size: int) -> None:
     """Put inert anonymous memory where a device mapping was (MAP_FIXED replaces it in one
-    step), so a stale pointer into it reads zeros instead of faulting.  Kernels of the seam
-    without ``mmap_fixed`` get a plain munmap."""
-    k: Any = _sys.kernel()
-    fixed = getattr(k, "mmap_fixed", None)
-    if fixed is not None:
-        try:
-            fixed(
-                addr,
-                size,
-                _sys.PROT_READ | _sys.PROT_WRITE,
-                _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS | MAP_NORESERVE,
-                -1,
-                0,
-            )
-            return
-        except OSError as e:
-            log.warning("uvdma: could not retire a BAR mapping in place (%s): unmapping it", e)
-    k.munmap(addr, size)
+    step), so a stale pointer into it reads zeros instead of faulting.  The address range
+    stays taken (one mapping per BAR opened: a few KiB of address space, no memory)."""
+    k = _sys.kernel()
+    try:
+        k.mmap_fixed(
+            addr,
+            size,
+            _sys.PROT_READ | _sys.PROT_WRITE,
+            _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS | _sys.MAP_NORESERVE,
+            -1,
+            0,
+        )
+    except OSError as e:  # never seen; unmapping is the lesser evil than keeping the device
+        log.warning("uvdma: could not retire a BAR mapping in place (%s): unmapping it", e)
+        k.munmap(addr, size)
 
 
 class _Registry:
@@ -380,19 +374,19 @@ class VfioDevice:
         log.warning("uvdma: %s released: %s", self.address, _RELEASED)
 
     def _retire_fd(self) -> None:
-        """Close the device fd, leaving /dev/null under its number where the seam can
-        (dup2), so a racing call reaches nothing rather than a file opened meanwhile."""
-        k: Any = _sys.kernel()
-        dup2 = getattr(k, "dup2", None)
-        if dup2 is not None:
+        """Close the device fd, leaving /dev/null under its number (dup2), so a racing call
+        reaches nothing rather than a file opened meanwhile; close() closes it."""
+        k = _sys.kernel()
+        try:
             null = k.open("/dev/null", os.O_RDWR)
-            try:
-                dup2(null, self.fd)
-            finally:
-                k.close(null)
+        except OSError:
+            k.close(self.fd)
+            self._fd_open = False
             return
-        k.close(self.fd)
-        self._fd_open = False
+        try:
+            k.dup2(null, self.fd)
+        finally:
+            k.close(null)
 
     def _stop_watcher(self, released: bool) -> None:
         t = self._watcher
