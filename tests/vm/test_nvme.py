@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.vm.support import bind_back
 from uvdma import pci
 from uvdma.dma import DmaBuffer
 
@@ -175,7 +176,7 @@ def test_data_is_shared_with_the_kernel_driver_both_ways() -> None:
         finally:
             os.close(fd)
     finally:
-        pci.bind(address)
+        bind_back(address)
     with Controller.open(address) as c:  # ... and uvdma reads it
         q = c.create_io_queues(1)[0]
         back = np.zeros(blocks * 512, dtype=np.uint8)

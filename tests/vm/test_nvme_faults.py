@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.vm.support import bind_back
 from uvdma import pci
 from uvdma.dma import DmaBuffer, dma_alloc_coherent, dma_free_coherent
 
@@ -407,6 +408,6 @@ def test_uvdma_unbind_shuts_down_a_controller_in_use_and_the_device_goes_back() 
             holder.kill()
             holder.wait()
         if dev.driver != "vfio-pci":
-            pci.bind(bdf)
+            bind_back(bdf)
     with Controller.open(bdf) as c:  # and it can be opened again
         assert c.active_namespaces() == [1]
