@@ -5,6 +5,10 @@ That binding really works is proven in the VM tier (tests/vm/test_guest.py).
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -273,3 +277,102 @@ def test_holders_of_a_vfio_device_are_named(tmp_path: Path) -> None:
     )
     add_process(procfs, 302, "bash", {0: "/dev/null"})
     assert pci.device_holders(BDF, sysfs, procfs=procfs, rdevs=[]) == [(300, "python3")]
+
+
+class SysfsKernel(threading.Thread):
+    """Plays the kernel's part of a stand-in sysfs: a BDF written to a driver's ``unbind``
+    drops the device's driver link, to its ``bind`` (or to ``drivers_probe``, for the
+    driver named by ``driver_override`` or ``probes_to``) makes it."""
+
+    def __init__(self, sysfs: Path, bdf: str, probes_to: str | None = "nvme") -> None:
+        super().__init__(daemon=True)
+        self.sysfs, self.bdf, self.probes_to = sysfs, bdf, probes_to
+        self.stop = threading.Event()
+        self.seen: list[str] = []
+
+    def _take(self, f: Path) -> bool:
+        try:
+            got = f.read_text().strip() == self.bdf
+        except OSError:
+            return False
+        if got:
+            f.write_text("")
+            self.seen.append(f"{f.parent.name}/{f.name}")
+        return got
+
+    def run(self) -> None:
+        dev = self.sysfs / "bus/pci/devices" / self.bdf
+        drivers = self.sysfs / "bus/pci/drivers"
+        while not self.stop.wait(0.005):
+            for drv in drivers.iterdir():
+                if self._take(drv / "unbind") and (dev / "driver").is_symlink():
+                    (dev / "driver").unlink()
+                if self._take(drv / "bind") and not (dev / "driver").is_symlink():
+                    (dev / "driver").symlink_to(drv)
+            if self._take(self.sysfs / "bus/pci/drivers_probe"):
+                override = (dev / "driver_override").read_text().strip()
+                want = override if override not in ("", "(null)") else self.probes_to
+                if want and not (dev / "driver").is_symlink():
+                    (dev / "driver").symlink_to(drivers / want)
+
+
+@pytest.fixture
+def vfio_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A device on vfio-pci that bind took from nvme, with a stand-in kernel behind sysfs."""
+    sysfs = tmp_path / "sys"
+    make_device(sysfs, BDF, pci.NVME_CLASS, 9, "vfio-pci")
+    for drv in ("vfio-pci", "nvme"):
+        (sysfs / "bus/pci/drivers" / drv).mkdir(parents=True, exist_ok=True)
+        for f in ("bind", "unbind"):
+            (sysfs / "bus/pci/drivers" / drv / f).write_text("")
+    (sysfs / "bus/pci/drivers_probe").write_text("")
+    (sysfs / "bus/pci/devices" / BDF / "driver_override").write_text("vfio-pci\n")
+    monkeypatch.setattr(pci, "STATE_DIR", tmp_path / "state")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / BDF).write_text("nvme")  # what bind remembered
+    yield sysfs
+
+
+def test_unbind_gives_the_device_back_through_the_detached_child(vfio_tree: Path) -> None:
+    kernel = SysfsKernel(vfio_tree, BDF)
+    kernel.start()
+    try:
+        lines: list[str] = []
+        assert pci.unbind(BDF, vfio_tree, wait=60, progress=lines.append) == "nvme"
+    finally:
+        kernel.stop.set()
+    d = vfio_tree / "bus/pci/devices" / BDF
+    assert (d / "driver_override").read_text() == "\n"  # cleared, so nvme may probe it
+    assert kernel.seen[0] == "vfio-pci/unbind"
+    assert not (pci.STATE_DIR / BDF).exists()  # forgotten once it is back
+    job = json.loads((pci.STATE_DIR / "unbinding" / f"{BDF}.json").read_text())
+    assert job["done"] and job["driver"] == "nvme" and job["pid"] != os.getpid()
+
+
+def test_an_unbind_cut_short_is_finished_by_the_next(vfio_tree: Path) -> None:
+    d = vfio_tree / "bus/pci/devices" / BDF
+    (d / "driver").unlink()  # vfio-pci let go, then the give-back child was killed
+    (d / "driver_override").write_text("\n")
+    jobs = pci.STATE_DIR / "unbinding"
+    jobs.mkdir()
+    (jobs / f"{BDF}.json").write_text(json.dumps({"pid": 999999999, "phase": "probing"}))
+    kernel = SysfsKernel(vfio_tree, BDF, probes_to=None)  # only nvme's bind takes it
+    kernel.start()
+    try:
+        lines: list[str] = []
+        assert pci.unbind(BDF, vfio_tree, wait=60, progress=lines.append) == "nvme"
+    finally:
+        kernel.stop.set()
+    assert "nvme/bind" in kernel.seen
+    assert any("cut short" in line for line in lines)
+
+
+def test_a_driver_that_will_not_take_the_device_back_is_said(vfio_tree: Path) -> None:
+    (vfio_tree / "bus/pci/drivers/nvme/bind").unlink()  # the previous driver is gone
+    kernel = SysfsKernel(vfio_tree, BDF, probes_to=None)
+    kernel.start()
+    try:
+        with pytest.raises(PciError, match=r"nvme did not take the device back.*see dmesg"):
+            pci.unbind(BDF, vfio_tree, wait=60)
+    finally:
+        kernel.stop.set()

@@ -94,7 +94,7 @@ def _memlock(need: int) -> Iterator[Check]:
         )
 
 
-def _device(address: str, sysfs: Path, devfs: Path) -> Iterator[Check]:
+def _device(address: str, sysfs: Path, devfs: Path, procfs: Path) -> Iterator[Check]:
     try:
         dev = pci.device(address, sysfs)
     except UvdmaError as e:
@@ -107,11 +107,24 @@ def _device(address: str, sysfs: Path, devfs: Path) -> Iterator[Check]:
     if dev.driver == pci.VFIO_PCI:
         yield Check("ok", f"{dev.address} is bound to vfio-pci")
     else:
-        yield Check(
-            "fail",
-            f"{dev.address} is bound to {dev.driver or 'no driver'}",
-            f"uvdma bind {dev.address}",
-        )
+        users = []
+        if dev.driver is not None:
+            users = pci.block_device_users(
+                pci.block_devices(dev.address, sysfs), sysfs=sysfs, procfs=procfs, devfs=devfs
+            )
+        if users:
+            yield Check(
+                "fail",
+                f"{dev.address} is bound to {dev.driver} and in use: {'; '.join(users)}",
+                "stop using it (unmount, swapoff, remove the device-mapper/md/LVM devices on "
+                f"top, close it), then uvdma bind {dev.address}",
+            )
+        else:
+            yield Check(
+                "fail",
+                f"{dev.address} is bound to {dev.driver or 'no driver'}",
+                f"uvdma bind {dev.address}",
+            )
     if group is None:
         yield Check("fail", f"{dev.address} has no IOMMU group", "turn the IOMMU on (see above)")
         return
@@ -159,12 +172,13 @@ def run_checks(
     need: int = DEFAULT_NEED,
     sysfs: Path = pci.SYSFS,
     devfs: Path = pci.DEVFS,
+    procfs: Path = pci.PROCFS,
 ) -> list[Check]:
     """Every check, in the order a person fixes things."""
     checks = [*_iommu(sysfs), *_vfio(sysfs, devfs)]
     checks += [*_hugepages(hugepage_pools(sysfs)), *_memlock(need)]
     if address is not None:
-        checks += list(_device(address, sysfs, devfs))
+        checks += list(_device(address, sysfs, devfs, procfs))
     return checks
 
 

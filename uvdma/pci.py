@@ -597,7 +597,12 @@ def unbind(
     job = _running_job(dev.address)
     if job is None:
         driver = dev.driver
-        if driver != VFIO_PCI:
+        unfinished = _read_job(dev.address)
+        if driver is None and unfinished and not unfinished.get("done"):
+            # a give-back that was killed after vfio-pci let go: finish its job
+            if progress:
+                progress(f"finishing an unbind of {dev.address} that was cut short")
+        elif driver != VFIO_PCI:
             raise PciError(
                 f"unbind {dev.address}: it is bound to {driver or 'no driver'}, not vfio-pci; "
                 "uvdma unbind gives back only devices bound to vfio-pci. Nothing was changed"
@@ -608,7 +613,9 @@ def unbind(
                     else ""
                 )
             )
-        rdevs = _chardev_rdevs(dev.address, sysfs, devfs)
+        rdevs = _chardev_rdevs(dev.address, sysfs, devfs) or [
+            x for x in _as_list(unfinished.get("rdevs")) if isinstance(x, int)
+        ]
         started = _start_give_back(dev.address, sysfs, rdevs)
         child: subprocess.Popen[bytes] | None = started
         pid = started.pid
@@ -698,7 +705,9 @@ def _wait_loop(
             code = child.returncode if child is not None else (0 if job.get("done") else 1)
             if code == 0:
                 return dev.driver
-            why = job.get("error") or f"the give-back process exited with {code}"
+            why = str(job.get("error") or f"the give-back process (pid {pid}) ended with {code}")
+            if dev.driver is None:
+                why += f"; `uvdma unbind {dev.address}` finishes the job"
             raise PciError(f"unbind {dev.address}: {why}")
         waited = time.monotonic() - start
         if waited >= wait:
