@@ -5,7 +5,6 @@ in tests/vm/test_nvme.py."""
 from __future__ import annotations
 
 import ctypes
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,21 +16,10 @@ from tests.fake_kernel import FakeKernel
 from tests.fake_sysfs import make_device
 from uvdma import _sys, pci
 from uvdma.vfio import VfioDevice, open_device
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "nvme"))
-from nvme import (
-    CSTS,
-    PAGE,
-    STATUS_NAMES,
-    CommandError,
-    Controller,
-    NvmeError,
-    PrpPlan,
-    fill_prp_lists,
-    plan_prps,
-    prp_list_pages_needed,
-    status_name,
-)
+from uvdma_nvme import CommandError, Controller, NvmeError, status_name
+from uvdma_nvme.prp import PrpPlan, fill_prp_lists, plan_prps, prp_list_pages_needed
+from uvdma_nvme.spec import PAGE, Reg
+from uvdma_nvme.status import STATUS_NAMES
 
 BDF = "0000:00:09.0"
 
@@ -115,7 +103,7 @@ def test_a_controller_that_never_becomes_ready(
 
 
 def test_fatal_status_is_a_clear_error(fake: tuple[FakeKernel, VfioDevice]) -> None:
-    ctypes.c_uint32.from_address(fake[1].bar(0).addr + CSTS).value = 0x2  # CSTS.CFS
+    ctypes.c_uint32.from_address(fake[1].bar(0).addr + Reg.CSTS).value = 0x2  # CSTS.CFS
     with pytest.raises(NvmeError, match=r"fatal status \(CSTS\.CFS\)"):
         Controller(fake[1])
 

@@ -6,7 +6,6 @@ and the real kernel are in tests/vm/test_nvme_faults.py."""
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +19,7 @@ from tests.fake_kernel import FakeKernel
 from tests.nvme_sim import BDF, NvmeSim, SimConfig, SimNamespace, sim_controller
 from uvdma.dma import DmaBuffer
 from uvdma.vfio import open_device
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "nvme"))
-from nvme import (
+from uvdma_nvme import (
     IO_READ,
     CommandTimeoutError,
     Controller,

@@ -8,7 +8,6 @@ import contextlib
 import ctypes
 import mmap
 import struct
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
+import uvdma_nvme as nvme  # the example driver, unmodified
 from tests import nvme_sim as S  # noqa: N812
 from tests.fake_kernel import FakeKernel
 from tests.nvme_sim import BDF, NvmeSim, SimConfig, SimNamespace, sim_controller
@@ -28,9 +28,6 @@ from uvdma.dma import (
 )
 from uvdma.vfio import VfioDevice, open_device
 from uvdma.vfio.faults import IommuFault
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "nvme"))
-import nvme  # the example driver, unmodified
 
 PAGE = 4096
 CC_IO = (4 << 20) | (6 << 16)  # IOCQES 16 B, IOSQES 64 B

@@ -3,7 +3,8 @@
 # rebuilt only when pyproject.toml changes.
 #   Debian packages: qemu-system-x86 (the VM), linux-image-amd64 (the guest kernel),
 #                    busybox-static (virtme-ng's guest init), python3-venv
-#   .venv:           uvdma in editable mode with its test, vm and dev extras
+#   .venv:           uvdma in editable mode with its test, vm and dev extras, and the NVMe
+#                    example driver (examples/nvme, package uvdma_nvme) in editable mode
 
 UVDMA_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$UVDMA_ROOT/.venv"
@@ -55,14 +56,15 @@ setup_venv() {
         rm -rf "$VENV"
         "$py" -m venv "$VENV" || return 1
     fi
-    want="$(cat "$UVDMA_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+    want="$(cat "$UVDMA_ROOT/pyproject.toml" "$UVDMA_ROOT/examples/nvme/pyproject.toml" |
+        sha256sum | cut -d' ' -f1)"
     stamp="$VENV/.uvdma-installed"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] ||
-        ! "$VENV/bin/python" -c 'import uvdma, pytest, hypothesis, mypy, virtme_ng, matplotlib' 2>/dev/null; then
+        ! "$VENV/bin/python" -c 'import uvdma, uvdma_nvme, pytest, hypothesis, mypy, virtme_ng, matplotlib' 2>/dev/null; then
         say "installing uvdma and its test tools into .venv"
         if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
             "$VENV/bin/python" -m pip install --disable-pip-version-check \
-                -e "$UVDMA_ROOT[test,vm,dev,plot]"; } >"$VENV/pip.log" 2>&1; then
+                -e "$UVDMA_ROOT[test,vm,dev,plot]" -e "$UVDMA_ROOT/examples/nvme"; } >"$VENV/pip.log" 2>&1; then
             tail -n 30 "$VENV/pip.log" >&2
             echo "uvdma: installing into .venv failed; the whole log is $VENV/pip.log" >&2
             return 1

@@ -21,10 +21,10 @@ python perf.py --device "$BDF" --rw randread --qd 16 --seconds 3
 say "5. the DMA memory behind it: atomic pools and allocations by mask"
 python - "$BDF" <<'PY'
 import sys
-from nvme import Controller
+from uvdma_nvme import Controller
 with Controller.open(sys.argv[1], dma_bits=32) as c:
     q = c.create_io_queues(2)
-    print(f"  admin queue at dma {c.admin.sq[1]:#x}, I/O queues at {[hex(x.sq[1]) for x in q]}")
+    print(f"  admin queue at dma {c.admin.sq.dma_handle:#x}, I/O queues at {[hex(x.sq.dma_handle) for x in q]}")
     print("  (a 32-bit DMA mask: every queue below 4 GiB, from dma_alloc_coherent)")
     print("  atomic pools:", ", ".join(f"{k} {v >> 10} KiB" for k, v in c.pool_stats().items()))
 print("  DMA-API check at close:", "no leaks" if not c.leaks else c.leaks)

@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nvme import Controller, NvmeError
-
 from uvdma.errors import UvdmaError
+from uvdma_nvme import Controller, NvmeError
 
 
 def main() -> int:
@@ -19,10 +18,10 @@ def main() -> int:
     args = parser.parse_args()
     try:
         with Controller.open(args.device) as ctrl:
-            vs = ctrl.bar.read32(0x08)
+            major, minor, _ = ctrl.version
             print(f"controller {args.device}: {ctrl.model}")
             print(f"  serial {ctrl.serial}, firmware {ctrl.firmware}")
-            print(f"  NVMe {vs >> 16}.{(vs >> 8) & 0xFF}, queues of up to {ctrl.mqes} entries")
+            print(f"  NVMe {major}.{minor}, queues of up to {ctrl.mqes} entries")
             print(f"  largest transfer (MDTS) {ctrl.max_transfer // 1024} KiB")
             print(f"  namespaces: {ctrl.nn} supported, active {ctrl.active_namespaces()}")
             for nsid in ctrl.active_namespaces():
@@ -31,7 +30,7 @@ def main() -> int:
                 print(
                     f"  namespace {nsid}: {ns.blocks} blocks of {ns.lba_size} bytes = {mib:.1f} MiB"
                 )
-            smart = ctrl.smart()
+            smart = ctrl.health()
             celsius = smart["temperature_k"] - 273
             print(
                 f"  health: {celsius} C, spare {smart['available_spare_pct']}%, "

@@ -14,10 +14,10 @@ import time
 from typing import Any
 
 import numpy as np
-from nvme import IO_READ, IO_WRITE, Controller, NvmeError
 
 from uvdma.dma import DmaBuffer
 from uvdma.errors import UvdmaError
+from uvdma_nvme import IO_READ, IO_WRITE, Controller, NvmeError
 
 
 def main() -> int:

@@ -10,9 +10,9 @@ import sys
 import time
 
 import numpy as np
-from nvme import Controller, NvmeError, pattern
 
 from uvdma.errors import UvdmaError
+from uvdma_nvme import Controller, NvmeError, pattern
 
 
 def main() -> int:

@@ -28,9 +28,7 @@ import pytest
 from tests.vm.support import bind_back
 from uvdma import pci
 from uvdma.dma import DmaBuffer, dma_alloc_coherent, dma_free_coherent
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "nvme"))
-from nvme import (
+from uvdma_nvme import (
     CommandTimeoutError,
     Controller,
     ControllerClosedError,
@@ -169,8 +167,7 @@ def test_kill_9_in_the_middle_of_heavy_writes_loses_no_acknowledged_write(tmp_pa
     writer = textwrap.dedent(
         f"""
         import sys
-        sys.path.insert(0, {str(ROOT / "examples/nvme")!r})
-        from nvme import Controller, pattern
+        from uvdma_nvme import Controller, pattern
         with Controller.open({bdf!r}) as c:
             ns = c.namespace(1)
             q = c.create_io_queues(1)[0]
@@ -242,9 +239,8 @@ def test_threads_sharing_one_queue_pair_all_finish_and_the_queue_keeps_working()
 
 PROBE = """
 import sys
-sys.path.insert(0, {nvme!r})
 import numpy as np
-from nvme import Controller, ControllerClosedError
+from uvdma_nvme import Controller, ControllerClosedError
 c = Controller.open({bdf!r})
 ns = c.namespace(1)
 q = c.create_io_queues(1)[0]
@@ -274,7 +270,7 @@ for call in calls:
 def test_use_after_close_is_a_clear_error_not_a_crash() -> None:
     bdf = fast_bdf()
     r = subprocess.run(  # a crash would kill only the probe, and show as its exit code
-        [sys.executable, "-c", PROBE.format(nvme=str(ROOT / "examples/nvme"), bdf=bdf)],
+        [sys.executable, "-c", PROBE.format(bdf=bdf)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -356,9 +352,8 @@ def test_closing_with_commands_in_flight_fails_them_and_releases_everything() ->
 
 HOLDER = """
 import sys, time
-sys.path.insert(0, {nvme!r})
 import numpy as np
-from nvme import Controller, ControllerClosedError, pattern
+from uvdma_nvme import Controller, ControllerClosedError, pattern
 c = Controller.open({bdf!r})
 ns = c.namespace(1)
 q = c.create_io_queues(1)[0]
@@ -382,7 +377,7 @@ def test_uvdma_unbind_shuts_down_a_controller_in_use_and_the_device_goes_back() 
     bdf = controllers()[1][0]
     dev = pci.device(bdf)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER.format(nvme=str(ROOT / "examples/nvme"), bdf=bdf)],
+        [sys.executable, "-c", HOLDER.format(bdf=bdf)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

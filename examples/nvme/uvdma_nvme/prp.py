@@ -1,0 +1,63 @@
+"""PRP lists as pure functions (NVMe 2.0, 4.1.1): where a transfer's pages are, how many
+list pages it needs, and the lists themselves, filled with one C-level call per page."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from uvdma_nvme.spec import PAGE
+
+PRP_ENTRIES = PAGE // 8  # entries in one PRP list page
+
+
+class PrpPlan(NamedTuple):
+    """Where a transfer's memory pages are: PRP1, then ``pages`` more pages starting at
+    ``next_page`` (each the previous plus 4 KiB)."""
+
+    prp1: int
+    next_page: int
+    pages: int
+
+
+def plan_prps(dma: int, length: int) -> PrpPlan:
+    """The pages a ``length``-byte transfer at ``dma`` touches, after the first."""
+    first = PAGE - (dma % PAGE)
+    if length <= first:
+        return PrpPlan(dma, 0, 0)
+    return PrpPlan(dma, dma - (dma % PAGE) + PAGE, (length - first + PAGE - 1) // PAGE)
+
+
+def prp_list_pages_needed(pages: int) -> int:
+    """PRP list pages for a transfer with ``pages`` pages after the first: none for one
+    (PRP2 points at it), else lists of 512 entries whose last entry chains to the next."""
+    if pages <= 1:
+        return 0
+    if pages <= PRP_ENTRIES:
+        return 1
+    return 1 + (pages - PRP_ENTRIES + PRP_ENTRIES - 2) // (PRP_ENTRIES - 1)
+
+
+def fill_prp_lists(plan: PrpPlan, lists: Sequence[tuple[npt.NDArray[np.uint64], int]]) -> int:
+    """Write the PRP list(s) of ``plan`` into ``lists`` ((entries view, dma) per page, as
+    many as :func:`prp_list_pages_needed` says); returns PRP2."""
+    if plan.pages == 0:
+        return 0
+    if plan.pages == 1:
+        return plan.next_page
+    page, left = plan.next_page, plan.pages
+    for i, (entries, _dma) in enumerate(lists):
+        room = PRP_ENTRIES if left <= PRP_ENTRIES else PRP_ENTRIES - 1
+        n = min(room, left)
+        # one C-level fill of the whole list page
+        entries[:n] = np.arange(page, page + n * PAGE, PAGE, dtype=np.uint64)
+        page += n * PAGE
+        left -= n
+        if left:
+            entries[PRP_ENTRIES - 1] = lists[i + 1][1]  # chain to the next list
+        else:
+            break
+    return lists[0][1]
