@@ -52,10 +52,19 @@ def test_parse_size() -> None:
 def test_command_line_has_the_known_good_shape() -> None:
     images = [Path("/tmp/a.img"), Path("/tmp/b.img")]
     cmd = vm.build_command(config(bind=True), "/venv/bin/vng", images)
-    assert cmd[:4] == ["/venv/bin/vng", "-r", "/boot/vmlinuz-test", "--disable-microvm"]
+    assert cmd[:5] == [
+        "/venv/bin/vng",
+        "-r",
+        "/boot/vmlinuz-test",
+        "--disable-microvm",
+        "--force-9p",  # the rootflags are 9p's
+    ]
     assert "--disable-kvm" in cmd  # TCG unless asked
     assert cmd[cmd.index("-m") + 1] == "2048M"
-    assert cmd[cmd.index("--append") + 1] == "intel_iommu=on hugepagesz=2M hugepages=64"
+    assert cmd[cmd.index("--append") + 1] == (
+        "intel_iommu=on hugepagesz=2M hugepages=64 rootflags=version=9p2000.L,trans=virtio,"
+        "access=any,msize=512000,cache=loose"
+    )
     qemu = qemu_opts(cmd)
     assert qemu[:4] == [
         "-machine",
@@ -124,7 +133,7 @@ def test_no_iommu_guest_has_no_vt_d_and_vfio_in_no_iommu_mode() -> None:
     assert qemu[:2] == ["-machine", "q35"]
     assert not any("intel-iommu" in a for a in qemu)
     append = cmd[cmd.index("--append") + 1]
-    assert append == "vfio.enable_unsafe_noiommu_mode=1 hugepagesz=2M hugepages=64"
+    assert append.startswith("vfio.enable_unsafe_noiommu_mode=1 hugepagesz=2M hugepages=64 ")
     assert "export UVDMA_VM_IOMMU=none;" in cmd[cmd.index("--exec") + 1]
 
 

@@ -63,6 +63,13 @@ _OWNER_LOCK = "owner.lock"
 _SIZE_RE = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: How the guest mounts the host's root when its kernel mounts it (a kernel without
+#: modules boots without an initramfs; with one, virtme-ng's init mounts it and ignores
+#: this).  cache=loose: with 6.12's default cache=none every read is a 9p round trip per
+#: 4 KiB page (netfs hands the virtio transport a page-per-segment bvec; its zero-copy
+#: path takes one segment), tens of times slower than 6.1; loose caches data and metadata (the
+#: root is read-only and a run short: host changes during a run may go unseen).
+ROOT_FLAGS = "version=9p2000.L,trans=virtio,access=any,msize=512000,cache=loose"
 
 
 def parse_size(text: str) -> int:
@@ -373,17 +380,19 @@ def build_command(
         huge = f"hugepagesz=2M hugepages={config.hugepages}"
     if config.iommu == "intel":
         qemu_opts = ["-machine", "q35,kernel-irqchip=split", "-device", "intel-iommu,intremap=on"]
-        append = f"intel_iommu=on {huge}"
+        append = f"intel_iommu=on {huge} rootflags={ROOT_FLAGS}"
     else:
         qemu_opts = ["-machine", "q35"]
-        append = f"vfio.enable_unsafe_noiommu_mode=1 {huge}"
+        append = f"vfio.enable_unsafe_noiommu_mode=1 {huge} rootflags={ROOT_FLAGS}"
     iops = config.nvme_iops or [0] * len(images)
     for i, image in enumerate(images):
         drive = f"file={image},if=none,id=uvdmanvm{i},format=raw"
         if iops[i]:
             drive += f",throttling.iops-total={iops[i]}"
         qemu_opts += ["-drive", drive, "-device", f"nvme,serial=uvdma{i:04d},drive=uvdmanvm{i}"]
-    cmd = [vng, "-r", str(kernel), "--disable-microvm"]
+    # 9p always: the rootflags above are 9p's, and the guest is the same on every machine
+    # (virtio-fs needs the Rust virtiofsd, which bookworm does not have).
+    cmd = [vng, "-r", str(kernel), "--disable-microvm", "--force-9p"]
     if config.accel == "tcg":
         cmd.append("--disable-kvm")
     cmd += [
