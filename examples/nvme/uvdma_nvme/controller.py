@@ -18,12 +18,14 @@ from uvdma.dma import (
     DMA_BIT_MASK,
     DmaBuffer,
     DmaDevice,
+    dma_map_single,
     dma_pool_create,
     dma_set_mask_and_coherent,
     dma_unmap_single,
     dma_unmap_single_attrs,
 )
-from uvdma.errors import UvdmaError
+from uvdma.dma.gfp import DmaDataDirection
+from uvdma.errors import ClosedError, UvdmaError
 from uvdma.vfio import Bar, VfioDevice, open_device
 from uvdma.vfio.faults import IommuFault, IommuFaultLog
 from uvdma_nvme.errors import (
@@ -461,10 +463,25 @@ class Controller:
         self._transfers.clear()
 
     # -- streaming mappings of read()/write() ------------------------------------------------
-    def _hold(self, t: _Transfer) -> _Transfer:
-        with self._lock:
+    def _map(self, buf: Any, size: int, direction: DmaDataDirection) -> _Transfer:
+        """``dma_map_single`` of a read()/write() buffer, held by the controller while the
+        device may reach it (close() can then release it whatever the caller does)."""
+        with self._lock, self._closing_as_closed():
+            self._check_usable()
+            t = _Transfer(dma_map_single(self.dma, buf, direction), size, direction)
             self._transfers.add(t)
-        return t
+            return t
+
+    @contextlib.contextmanager
+    def _closing_as_closed(self) -> Iterator[None]:
+        """A uvdma object closing under a call (the controller closed from another thread,
+        or released at the kernel's request) is the controller's own error."""
+        try:
+            yield
+        except ClosedError:
+            if self._failed is not None:
+                raise self._unusable() from None
+            raise
 
     def _let_go(self, t: _Transfer, *, copy_out: bool) -> None:
         """Unmap a transfer whose commands the device can no longer touch; what the device
@@ -575,7 +592,7 @@ class Controller:
         self, opcode: int, nsid: int, cdw: Sequence[int], what: str, size: int = PAGE
     ) -> bytes:
         self._check_usable()
-        with DmaBuffer(self.dma, size) as buf:
+        with self._closing_as_closed(), DmaBuffer(self.dma, size) as buf:
             self.admin.run(opcode, nsid, buf.dma, 0, cdw, what)
             return bytes(buf.cpu)
 

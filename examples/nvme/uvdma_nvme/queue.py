@@ -28,7 +28,6 @@ from uvdma.dma import (
     DmaDevice,
     dma_alloc_coherent,
     dma_free_coherent,
-    dma_map_single,
 )
 from uvdma.dma.gfp import DmaDataDirection
 from uvdma.errors import UvdmaError
@@ -349,8 +348,10 @@ class QueuePair:
                 f"{what}: {length} bytes exceed the controller's MDTS "
                 f"({self.ctrl.max_transfer} bytes): split it (read()/write() do)"
             )
-        translate = self.ctrl.vfio.domain.translate
-        if translate(dma) is None or translate(dma + length - 1) is None:
+        with self.ctrl._closing_as_closed():  # the controller may close under us
+            translate = self.ctrl.vfio.domain.translate
+            mapped = translate(dma) is not None and translate(dma + length - 1) is not None
+        if not mapped:
             raise NvmeError(
                 f"{what}: DMA address {dma:#x}+{length:#x} is not mapped in the device's IOMMU "
                 "domain: the IOMMU would block the transfer (use dma_map_single or a DmaBuffer)"
@@ -397,13 +398,13 @@ class QueuePair:
                 f"{what}: LBAs {lba}..{lba + nblocks - 1} are outside namespace {ns.nsid} "
                 f"(0..{ns.blocks - 1})"
             )
-        self._check()
         transfer: _Transfer | None = None
         if isinstance(buf, DmaBuffer):
+            self._check()
             dma = buf.dma
         else:
-            dma = dma_map_single(ctrl.dma, buf, direction)
-            transfer = ctrl._hold(_Transfer(dma, size, direction))
+            transfer = ctrl._map(buf, size, direction)
+            dma = transfer.handle
         reqs: list[Request] = []
         ok = False
         try:
