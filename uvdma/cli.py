@@ -28,7 +28,7 @@ def _cmd_vm_kernel(args: argparse.Namespace) -> int:
     if image is None and args.check:
         print(
             "uvdma: the guest kernel is not built yet: `uvdma vm kernel` builds it "
-            "(once: about 10 minutes on 2 cores)",
+            f"(once: about {vm_kernel.BUILD_MINUTES} minutes on 2 idle cores)",
             file=sys.stderr,
         )
         return 1
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build, once, a guest kernel with iommufd, VFIO cdev and VFIO no-IOMMU "
         "mode from Debian's linux-source-6.12 (installing the packages it needs, as root) "
         "and print the path of its bzImage. Cached under ~/.cache/uvdma/kernel; the first "
-        "build takes about 10 minutes on 2 cores.",
+        f"build takes about {vm_kernel.BUILD_MINUTES} minutes on 2 idle cores.",
     )
     kernel_p.add_argument(
         "--check", action="store_true", help="only print the path if built; exit 1 if not"

@@ -44,7 +44,7 @@ from typing import TextIO
 from uvdma._args import int_arg
 from uvdma.errors import VmError, VmTimeoutError
 from uvdma.vm._signals import interrupts_deferred, signals_as_interrupts
-from uvdma.vm.kernel import ensure_built
+from uvdma.vm.kernel import BUILD_MINUTES, ensure_built
 
 #: The first line the guest prints: the host knows the boot is over when it sees it.
 READY_MARKER = "uvdma-vm: guest up"
@@ -261,7 +261,7 @@ def resolve_kernel(config: VmConfig, progress: TextIO | None = None) -> Path:
             raise VmError(
                 f"--iommu none needs VFIO's no-IOMMU mode (CONFIG_VFIO_NOIOMMU), which {image} "
                 f"lacks ({kconfig}); Debian's kernels never have it: use --kernel built "
-                "(`uvdma vm kernel` builds it once, about 10 minutes on 2 cores)"
+                f"(`uvdma vm kernel` builds it once, about {BUILD_MINUTES} minutes on 2 idle cores)"
             )
     return image
 
