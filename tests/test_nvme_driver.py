@@ -5,6 +5,8 @@ in tests/vm/test_nvme.py."""
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,3 +123,28 @@ def test_bad_constructor_arguments_are_refused_before_anything_is_touched(
         with pytest.raises(ValueError, match=msg):
             Controller(fake[1], **kwargs)  # type: ignore[arg-type]
     assert k.calls[before:] == []
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "message"),
+    [
+        ("rw.py", ["--blocks", "-5"], "argument --blocks: -5 is not a whole number of at least 1"),
+        ("rw.py", ["--lba", "1.5"], "argument --lba: '1.5' is not a whole number"),
+        ("rw.py", ["--mask-bits", "7"], "a DMA mask is 24 to 64 bits wide"),
+        ("perf.py", ["--qd", "0"], "argument --qd: 0 is not a whole number of at least 1"),
+        ("perf.py", ["--seconds", "nan"], "argument --seconds: nan is not a number above 0"),
+        ("perf.py", ["--count", "many"], "argument --count: 'many' is not a whole number"),
+    ],
+)
+def test_program_arguments_are_checked_before_anything_is_opened(
+    program: str, args: list[str], message: str
+) -> None:
+    script = Path(__file__).resolve().parents[1] / "examples" / "nvme" / program
+    r = subprocess.run(
+        [sys.executable, str(script), "--device", "0000:00:09.0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

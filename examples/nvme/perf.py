@@ -18,19 +18,20 @@ import numpy as np
 from uvdma.dma import DmaBuffer
 from uvdma.errors import UvdmaError
 from uvdma_nvme import IO_READ, IO_WRITE, Controller, NvmeError
+from uvdma_nvme.args import positive_float, positive_int
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", required=True, metavar="BDF")
-    parser.add_argument("--nsid", type=int, default=1)
+    parser.add_argument("--nsid", type=positive_int, default=1)
     parser.add_argument(
         "--rw", choices=["randread", "randwrite", "read", "write"], default="randread"
     )
-    parser.add_argument("--bs", type=int, default=4096, help="bytes per I/O")
-    parser.add_argument("--qd", type=int, default=1, help="queue depth")
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--count", type=int, help="stop after this many I/Os instead")
+    parser.add_argument("--bs", type=positive_int, default=4096, help="bytes per I/O")
+    parser.add_argument("--qd", type=positive_int, default=1, help="queue depth")
+    parser.add_argument("--seconds", type=positive_float, default=5.0)
+    parser.add_argument("--count", type=positive_int, help="stop after this many I/Os instead")
     parser.add_argument(
         "--interrupts", action="store_true", help="sleep on the MSI-X eventfd instead of polling"
     )
@@ -39,6 +40,13 @@ def main() -> int:
     try:
         with Controller.open(args.device, interrupts=args.interrupts) as ctrl:
             ns = ctrl.namespace(args.nsid)
+            if args.bs % ns.lba_size or args.bs > ctrl.max_transfer:
+                raise NvmeError(
+                    f"--bs {args.bs}: give a multiple of the {ns.lba_size}-byte LBA up to the "
+                    f"controller's largest transfer ({ctrl.max_transfer} bytes)"
+                )
+            if args.qd >= ctrl.mqes:
+                raise NvmeError(f"--qd {args.qd}: the controller's queues hold {ctrl.mqes - 1}")
             q = ctrl.create_io_queues(1, depth=max(args.qd + 1, 2))[0]
             nblocks = args.bs // ns.lba_size
             span = ns.blocks - nblocks

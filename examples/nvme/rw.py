@@ -13,16 +13,17 @@ import numpy as np
 
 from uvdma.errors import UvdmaError
 from uvdma_nvme import Controller, NvmeError, pattern
+from uvdma_nvme.args import mask_bits, nonnegative_int, positive_int
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", required=True, metavar="BDF")
-    parser.add_argument("--nsid", type=int, default=1)
-    parser.add_argument("--lba", type=int, default=0, help="first LBA")
-    parser.add_argument("--blocks", type=int, default=256, help="how many LBAs")
+    parser.add_argument("--nsid", type=positive_int, default=1)
+    parser.add_argument("--lba", type=nonnegative_int, default=0, help="first LBA")
+    parser.add_argument("--blocks", type=positive_int, default=256, help="how many LBAs")
     parser.add_argument(
-        "--mask-bits", type=int, default=64, help="the device's DMA mask: 24, 32 or 64"
+        "--mask-bits", type=mask_bits, default=64, help="the device's DMA mask: 24, 32 or 64"
     )
     args = parser.parse_args()
     try:
