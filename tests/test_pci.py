@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def test_bind_refuses_a_device_in_use_naming_the_use_and_changes_nothing(
     elif use == "open":
         add_process(procfs, 4242, "dd", {0: "/dev/null", 3: "/dev/nvme0n1"})
     with pytest.raises(DeviceInUseError) as info:
-        pci.bind(BDF, sysfs, procfs=procfs, devfs=devfs)
+        pci.bind(BDF, sysfs, procfs=procfs, devfs=devfs, settle=0)
     assert said in info.value.users
     assert said in str(info.value)
     assert "--force" in str(info.value) and "Nothing was changed" in str(info.value)
@@ -376,3 +377,22 @@ def test_a_driver_that_will_not_take_the_device_back_is_said(vfio_tree: Path) ->
             pci.unbind(BDF, vfio_tree, wait=60)
     finally:
         kernel.stop.set()
+
+
+def test_a_process_that_closes_the_device_soon_does_not_stop_bind(
+    nvme_tree: tuple[Path, Path, Path],
+) -> None:
+    """udev's workers open every new block device for a moment: bind gives them time."""
+    sysfs, procfs, devfs = nvme_tree
+    add_process(procfs, 462, "(udev-worker)", {9: "/dev/nvme0n1"})
+    threading.Timer(0.3, (procfs / "462/fd/9").unlink).start()
+    with pytest.raises(PciError, match="bound to nvme after probing"):  # it went ahead
+        pci.bind(BDF, sysfs, procfs=procfs, devfs=devfs, settle=10)
+    # a mount is no passing use: refused at once
+    mountinfo = procfs / "self/mountinfo"
+    mountinfo.write_text(mountinfo.read_text() + "70 23 259:1 / /mnt rw - ext4 /dev/nvme0n1 rw\n")
+    (sysfs / "bus/pci/devices" / BDF / "driver_override").write_text("(null)\n")
+    start = time.monotonic()
+    with pytest.raises(DeviceInUseError):
+        pci.bind(BDF, sysfs, procfs=procfs, devfs=devfs, settle=10)
+    assert time.monotonic() - start < 5

@@ -51,6 +51,8 @@ VIABLE_DRIVERS = frozenset({VFIO_PCI, "pci-stub", "pcieport"})
 #: How long unbind() waits for the holders of a device by default (the kernel asks them
 #: to let go at once and then every 10 s: drivers/vfio/vfio_main.c).
 UNBIND_WAIT = 30.0
+#: How long bind() lets processes that hold a block device open close it (udev's probes).
+BIND_SETTLE = 5.0
 
 _BDF = re.compile(
     r"^(?:(?P<domain>[0-9a-fA-F]{1,4}):)?(?P<bus>[0-9a-fA-F]{1,2}):"
@@ -400,6 +402,7 @@ def bind(
     force: bool = False,
     procfs: Path = PROCFS,
     devfs: Path = DEVFS,
+    settle: float = BIND_SETTLE,
 ) -> str | None:
     """Bind a device to vfio-pci; returns the driver it had (None if none).
 
@@ -407,6 +410,9 @@ def bind(
     IOMMU group, when another device in its group keeps the group from being viable,
     when an unbind of it is still under way, or (unless ``force``) when one of its
     block devices is in use (:class:`~uvdma.errors.DeviceInUseError` names each use).
+    When the only uses are processes holding a block device open, they get ``settle``
+    seconds to close it first: udev's workers open every new block device for a moment
+    (blkid), so a bind right after the driver made them would otherwise be refused.
     """
     dev = device(address, sysfs)
     what = f"bind {dev.address} to {VFIO_PCI}"
@@ -434,9 +440,14 @@ def bind(
             f"{what}: an unbind of it is still under way (pid {job}); wait for it to finish"
         )
     if previous is not None and not force:
-        users = block_device_users(
-            block_devices(dev.address, sysfs), sysfs=sysfs, procfs=procfs, devfs=devfs
-        )
+        blocks = block_devices(dev.address, sysfs)
+        users = block_device_users(blocks, sysfs=sysfs, procfs=procfs, devfs=devfs)
+        deadline = time.monotonic() + settle
+        while users and all(" is open in pid " in u for u in users):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+            users = block_device_users(blocks, sysfs=sysfs, procfs=procfs, devfs=devfs)
         if users:
             raise DeviceInUseError(
                 f"{what}: its block devices are in use ({'; '.join(users)}): unmount them, "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,3 +277,82 @@ def test_the_readme_example_runs() -> None:
         assert dev.domain.translate(iova) == vaddr
         pool.free(vaddr, 64 << 10)
         dev.domain.unmap(m)
+
+
+# -- use after close, from several threads: errors, never a crash ---------------------------------
+
+CLOSE_UNDER_THREADS = """
+import threading, time
+from uvdma import pci
+from uvdma.dma import GFP_ATOMIC, DmaBuffer, DmaDevice, dma_alloc_coherent
+from uvdma.errors import ClosedError
+from uvdma.vfio import open_device
+
+dev = open_device(pci.nvme_controllers()[0].address)
+bar = dev.bar(0)
+kept = bar.reg32(0x08)  # VS, as a driver keeps its doorbells
+dma = DmaDevice(dev, coherent_pool="128K")
+buf = DmaBuffer(dma, 8192)
+stop = threading.Event()
+seen = {}
+
+def use(name, call):
+    n = 0
+    while not stop.is_set():
+        try:
+            call()
+            n += 1
+        except ClosedError as e:
+            seen[name] = f"{n} then ClosedError: {e}"
+            return
+    seen[name] = f"{n} and never closed"
+
+calls = {
+    "read32": lambda: bar.read32(0x1C),
+    "config": lambda: dev.config_read(0, 2),
+    "atomic": lambda: dma_alloc_coherent(dma, 4096, GFP_ATOMIC),
+    "kept": lambda: kept.value,
+}
+threads = [threading.Thread(target=use, args=item) for item in calls.items()]
+for t in threads:
+    t.start()
+time.sleep(1.0)
+dev.close()
+time.sleep(0.2)
+stop.set()
+for t in threads:
+    t.join()
+for name in calls:
+    print(f"{name}: {seen[name]}", flush=True)
+print(f"kept after close: {kept.value:#x}", flush=True)
+later = {
+    "cpu": lambda: buf.cpu,
+    "atomic again": lambda: dma_alloc_coherent(dma, 4096, GFP_ATOMIC),
+}
+for name, call in later.items():
+    try:
+        call()
+        print(f"{name}: worked", flush=True)
+    except ClosedError as e:
+        print(f"{name}: ClosedError: {e}", flush=True)
+"""
+
+
+def test_closing_a_device_under_busy_threads_gives_them_errors_never_a_crash() -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", CLOSE_UNDER_THREADS],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr  # not -11 (SIGSEGV)
+    out = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    bdf = str(controllers()[0].address)
+    assert "then ClosedError: " in out["read32"] and f"Bar 0 of VfioDevice {bdf}" in out["read32"]
+    assert f"then ClosedError: config_read(0x0): VfioDevice {bdf} is closed" in out["config"]
+    assert "then ClosedError: dma_alloc_coherent" in out["atomic"]
+    assert out["kept"].endswith("and never closed")  # a kept register object keeps reading ...
+    assert out["kept after close"] == "0x0"  # ... inert memory, not the unmapped BAR
+    assert out["cpu"].startswith("ClosedError: ")
+    assert out["atomic again"].startswith("ClosedError: ")
