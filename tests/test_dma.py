@@ -7,7 +7,9 @@ That a device really DMAs into this memory is proven in tests/vm/test_dma.py.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -594,3 +596,47 @@ def test_only_1g_hugepages_free_are_used_before_4k_pages(
     for cpu, dma in held:
         dma_free_coherent(dev, 2 * MiB, cpu, dma)
     dev.close()
+
+
+def test_two_threads_share_a_device_its_pool_and_the_atomic_pools(dev: DmaDevice) -> None:
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))
+    pool = dma_pool_create("prp", dev, 4096)
+    held: list[list[tuple[str, int, int]]] = [[], []]
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(300):
+                if i % 3 == 0:
+                    cpu, dma = pool.alloc()
+                    held[k].append(("pool", cpu, dma))
+                else:
+                    gfp = GFP_ATOMIC if i % 3 == 1 else GFP_KERNEL
+                    cpu, dma = dma_alloc_coherent(dev, 4096, gfp)
+                    held[k].append(("coherent", cpu, dma))
+                if i % 5 == 4:  # give some back as we go
+                    kind, cpu, dma = held[k].pop(0)
+                    if kind == "pool":
+                        pool.free(cpu, dma)
+                    else:
+                        dma_free_coherent(dev, 4096, cpu, dma)
+        except BaseException as e:  # the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    blocks = sorted(dma for h in held for _, _, dma in h)
+    assert len(blocks) == len(set(blocks))  # nobody got a block twice
+    assert all(b - a >= 4096 for a, b in itertools.pairwise(blocks))
+    assert dev.ctx.pools.flush(10)
+    for h in held:
+        for kind, cpu, dma in h:
+            if kind == "pool":
+                pool.free(cpu, dma)
+            else:
+                dma_free_coherent(dev, 4096, cpu, dma)
+    pool.destroy()

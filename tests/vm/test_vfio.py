@@ -350,7 +350,8 @@ def test_closing_a_device_under_busy_threads_gives_them_errors_never_a_crash() -
     out = dict(line.split(": ", 1) for line in r.stdout.splitlines())
     bdf = str(controllers()[0].address)
     assert "then ClosedError: " in out["read32"] and f"Bar 0 of VfioDevice {bdf}" in out["read32"]
-    assert f"then ClosedError: config_read(0x0): VfioDevice {bdf} is closed" in out["config"]
+    assert "then ClosedError: " in out["config"]  # from config_read or the region_read in it
+    assert f"VfioDevice {bdf} is closed" in out["config"]
     assert "then ClosedError: dma_alloc_coherent" in out["atomic"]
     assert out["kept"].endswith("and never closed")  # a kept register object keeps reading ...
     assert out["kept after close"] == "0x0"  # ... inert memory, not the unmapped BAR
