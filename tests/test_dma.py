@@ -570,6 +570,7 @@ def test_an_allocation_past_rlimit_memlock_says_how_much_is_locked(
     dev = DmaDevice(vd, coherent_pool="256K")
     status = machine(8 << 30, 6 << 30, lock_limit=8 * MiB, locked=6 * MiB, may_lock_all=False)
     monkeypatch.setattr(hugepages, "memory_status", lambda: status)
+    monkeypatch.setattr(hugepages, "lock_limited", lambda: True)
     before = state(dev)
     with pytest.raises(
         DmaAllocError,
@@ -640,3 +641,17 @@ def test_two_threads_share_a_device_its_pool_and_the_atomic_pools(dev: DmaDevice
             else:
                 dma_free_coherent(dev, 4096, cpu, dma)
     pool.destroy()
+
+
+def test_mapping_new_memory_reads_no_proc_file_when_no_limit_applies(
+    fake: tuple[FakeKernel, VfioDevice], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no(*_a: object) -> hugepages.MemoryStatus:
+        raise AssertionError("read /proc on the mapping path")
+
+    monkeypatch.setattr(hugepages, "lock_limited", lambda: False)
+    monkeypatch.setattr(hugepages, "memory_status", no)
+    dev = DmaDevice(fake[1], coherent_pool="256K")
+    cpu, dma = dma_alloc_coherent(dev, 4 * MiB)  # a mapping of its own
+    dma_free_coherent(dev, 4 * MiB, cpu, dma)
+    dev.close()

@@ -288,3 +288,18 @@ def test_fits_says_whether_an_iova_range_could_be_had_without_taking_it() -> Non
     assert space.fits(5 * GiB, 4096, Zone.NORMAL)
     assert not space.fits(0) and not space.fits(4096, 3)
     assert space.free_bytes() == free  # nothing taken
+
+
+def test_lock_limited_is_worked_out_once_per_process(
+    tmp_path: Path, fake: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hp, "_lock_limited", {})
+    (tmp_path / "self").mkdir()
+    (tmp_path / "meminfo").write_text("MemTotal: 2048 kB\nMemAvailable: 1024 kB\n")
+    (tmp_path / "self/status").write_text("VmLck:\t0 kB\nCapEff:\t0000000000000000\n")
+    fake.memlock = 8 * MiB
+    assert hp.lock_limited(tmp_path)
+    (tmp_path / "self/status").write_text("VmLck:\t0 kB\nCapEff:\t0000000000004000\n")
+    assert hp.lock_limited(tmp_path)  # cached: no /proc read on the mapping paths
+    monkeypatch.setattr(hp, "_lock_limited", {})
+    assert not hp.lock_limited(tmp_path)  # CAP_IPC_LOCK: the limit does not apply

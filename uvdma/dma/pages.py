@@ -65,12 +65,13 @@ class PageAllocator:
         RLIMIT_MEMLOCK (type1 counts pinned pages against it)."""
         if not self.domain.iova.fits(size, PAGE_SIZE, zone):
             raise IovaExhaustedError(f"no room for {size:#x} bytes in zone {zone.name}")
-        status = hugepages.memory_status()
-        lockable = status.lockable()
-        if lockable is not None and size > lockable:
-            raise UvdmaOSError(
-                errno.ENOMEM, f"pinning DMA memory: {hugepages.memlock_fix(size, status)}"
-            )
+        if hugepages.lock_limited():  # else no /proc to read on this path
+            status = hugepages.memory_status()
+            lockable = status.lockable()
+            if lockable is not None and size > lockable:
+                raise UvdmaOSError(
+                    errno.ENOMEM, f"pinning DMA memory: {hugepages.memlock_fix(size, status)}"
+                )
         mem = allocate(size)
         try:
             try:

@@ -101,6 +101,23 @@ def memory_status(procfs: Path = PROCFS) -> MemoryStatus:
     )
 
 
+_lock_limited: dict[int, bool] = {}  # pid -> whether RLIMIT_MEMLOCK applies to it
+
+
+def lock_limited(procfs: Path = PROCFS) -> bool:
+    """Whether RLIMIT_MEMLOCK applies to this process: no CAP_IPC_LOCK and a finite limit.
+
+    Worked out once per process (a process that drops CAP_IPC_LOCK later still meets the
+    kernel's own check, only without the early message), so that the paths that map
+    memory need not read /proc when it does not apply."""
+    pid = os.getpid()
+    got = _lock_limited.get(pid)
+    if got is None:
+        got = memory_status(procfs).lockable() is not None
+        _lock_limited[pid] = got
+    return got
+
+
 def memlock_fix(size: int, status: MemoryStatus | None = None) -> str:
     """The message for a lock or pin of ``size`` bytes that RLIMIT_MEMLOCK refused: the
     limit, what this process has already locked, and the fix."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import TypeAlias, TypeVar
 
 from uvdma import _sys
 from uvdma.errors import UvdmaOSError
@@ -13,14 +13,19 @@ from uvdma.errors import UvdmaOSError
 S = TypeVar("S", bound=ctypes.Structure)
 
 
-def call(fd: int, request: int, arg: _sys.IoctlArg, what: str, fixes: dict[int, str]) -> int:
-    """ioctl that raises :class:`UvdmaOSError` naming ``what`` and, by errno, the fix."""
+Fix: TypeAlias = "str | Callable[[], str]"  # a message, or what makes it when it is needed
+
+
+def call(fd: int, request: int, arg: _sys.IoctlArg, what: str, fixes: Mapping[int, Fix]) -> int:
+    """ioctl that raises :class:`UvdmaOSError` naming ``what`` and, by errno, the fix
+    (a callable fix is called only then: it may read /proc)."""
     try:
         return _sys.kernel().ioctl(fd, request, arg)
     except OSError as e:
         err = e.errno or errno.EIO
         fix = fixes.get(err, "")
-        raise UvdmaOSError(err, f"{what}{': ' + fix if fix else ''}") from e
+        text = fix() if callable(fix) else fix
+        raise UvdmaOSError(err, f"{what}{': ' + text if text else ''}") from e
 
 
 def info(

@@ -147,7 +147,7 @@ class IommufdDomain(IommuDomain):
             f"IOMMU_IOAS_MAP of {m.size:#x} bytes at IOVA {m.iova:#x}",
             {
                 errno.EEXIST: "the IOVA range is already mapped",
-                errno.ENOMEM: memlock_fix(m.size),
+                errno.ENOMEM: lambda: memlock_fix(m.size),
                 errno.EFAULT: "the virtual address is not mapped in this process",
             },
         )

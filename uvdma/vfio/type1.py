@@ -271,7 +271,7 @@ class Type1Container(IommuDomain):
                 errno.ENOSPC: f"the container has reached its limit of mappings "
                 f"({TYPE1_DMA_ENTRY_LIMIT} by default): map larger regions, or raise "
                 "vfio_iommu_type1's dma_entry_limit module parameter",
-                errno.ENOMEM: memlock_fix(m.size),
+                errno.ENOMEM: lambda: memlock_fix(m.size),
                 errno.EEXIST: "the IOVA range is already mapped",
                 errno.EINVAL: "the IOVA is outside the ranges the IOMMU allows, or misaligned",
                 errno.EFAULT: "the virtual address is not mapped in this process",
