@@ -655,3 +655,19 @@ def test_mapping_new_memory_reads_no_proc_file_when_no_limit_applies(
     cpu, dma = dma_alloc_coherent(dev, 4 * MiB)  # a mapping of its own
     dma_free_coherent(dev, 4 * MiB, cpu, dma)
     dev.close()
+
+
+@pytest.mark.parametrize("size", [1 << 40, 1 << 64, 1 << 70])
+def test_absurd_sizes_are_an_error_not_a_crash(dev: DmaDevice, size: int) -> None:
+    dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))
+    before = state(dev)
+    for call in (
+        lambda: dma_alloc_coherent(dev, size),
+        lambda: dma_alloc_coherent(dev, size, GFP_ATOMIC),
+        lambda: DmaBuffer(dev, size),
+    ):
+        with pytest.raises(DmaAllocError):
+            call()
+    with pytest.raises((DmaAllocError, ValueError)):
+        dma_pool_create("huge", dev, size).alloc()
+    assert state(dev) == before

@@ -727,6 +727,13 @@ def _wait_loop(
             )
             previous = _read_job(dev.address).get("previous") or _recall(dev.address)
             back = f"to {previous}" if previous else "to its driver"
+            if not holders and dev.driver != VFIO_PCI:
+                raise UnbindPendingError(
+                    f"unbind {dev.address}: not finished after {wait:g} s: vfio-pci has let it "
+                    f"go and nothing holds it; the device goes back {back} in the background "
+                    f"(pid {pid}), shortly",
+                    holders,
+                )
             who = _describe(holders) if holders else "a process uvdma could not identify"
             raise UnbindPendingError(
                 f"unbind {dev.address}: still held after {wait:g} s by {who}: VFIO asked it to "
