@@ -1,14 +1,25 @@
 """A deliberately naive reference model of lib/genalloc.c and lib/bitmap.c.
 
 One bool per granule, list walks, the kernel's loops written as the kernel writes
-them (restart after every set bit).  It is slow and obviously right; uvdma's
-GenPool must return exactly what this returns for the same calls.
+them (restart after every set bit), and the kernel's unsigned 64-bit arithmetic
+(``unsigned long`` addresses, ``phys_addr_t``, ``size_t``: every sum taken modulo
+2**64).  It is slow and obviously right; uvdma's GenPool must return exactly what
+this returns for the same calls, except where docs/genalloc.md's table of
+differences says otherwise (the tests spell each of those out).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+U64 = 1 << 64
+MASK = U64 - 1
+
+
+def u64(x: int) -> int:
+    """The value as the kernel's unsigned long holds it: modulo 2**64."""
+    return x & MASK
 
 
 def find_next_zero_bit(m: list[bool], size: int, start: int) -> int:
@@ -88,7 +99,9 @@ class RefChunk:
     bits: list[bool] = field(default_factory=list)
 
 
-FreeOutcome = Literal["ok", "not_in_pool", "crosses", "not_allocated"]
+#: "wraps": addr + size - 1 wrapped past 2**64 and passed the BUG_ON, so the kernel
+#: goes on to clear bits past the chunk's bitmap (the model changes nothing).
+FreeOutcome = Literal["ok", "not_in_pool", "crosses", "not_allocated", "wraps"]
 
 
 @dataclass
@@ -97,8 +110,10 @@ class RefPool:
     chunks: list[RefChunk] = field(default_factory=list)  # newest first
 
     def add(self, virt: int, phys: int, size: int, owner: object) -> None:
+        """gen_pool_add_owner; ``phys`` -1 is gen_pool_add's (phys_addr_t)-1."""
         nbits = size >> self.order
-        self.chunks.insert(0, RefChunk(virt, virt + size - 1, phys, owner, size, [False] * nbits))
+        chunk = RefChunk(virt, u64(virt + size - 1), u64(phys), owner, size, [False] * nbits)
+        self.chunks.insert(0, chunk)
 
     def alloc(self, size: int, algo: Algo, arg: int) -> tuple[int, object]:
         if size == 0:
@@ -121,8 +136,10 @@ class RefPool:
         nbits = (size + (1 << self.order) - 1) >> self.order
         for c in self.chunks:
             if c.start <= addr <= c.end:
-                if addr + size - 1 > c.end:
+                if u64(addr + size - 1) > c.end:
                     return "crosses", None
+                if addr + size - 1 > c.end:
+                    return "wraps", None
                 s = (addr - c.start) >> self.order
                 if s + nbits > len(c.bits) or not all(c.bits[s : s + nbits]):
                     return "not_allocated", None
@@ -141,9 +158,9 @@ class RefPool:
     def virt_to_phys(self, addr: int) -> int:
         for c in self.chunks:
             if c.start <= addr <= c.end:
-                return -1 if c.phys == -1 else c.phys + addr - c.start
-        return -1
+                return u64(c.phys + addr - c.start)
+        return u64(-1)
 
     def has_addr(self, start: int, size: int) -> bool:
-        end = start + size - 1
+        end = u64(start + size - 1)
         return any(c.start <= start <= c.end and end <= c.end for c in self.chunks)

@@ -326,12 +326,164 @@ def test_overlapping_and_empty_chunks_are_refused() -> None:
         pool.add(BASE + 1 * MiB - 1, 4 * KiB)
     with pytest.raises(ValueError, match="overlaps"):
         pool.add(BASE - 4 * KiB, 8 * KiB)
-    with pytest.raises(ValueError, match="size must be positive"):
+    with pytest.raises(ValueError, match="size 0"):
         pool.add(0x100, 0)
     assert snapshot(pool) == before
     pool.add(BASE + 1 * MiB, 4 * KiB)  # adjacent is fine
     with pytest.raises(ValueError, match="min_alloc_order"):
         GenPool(64)
+
+
+# -- the edges of the address space, against the kernel model ------------------------
+
+TOP = 1 << 64
+
+
+def test_a_chunk_at_address_0_gives_its_owner_as_the_kernel_does() -> None:
+    # gen_pool_alloc_algo_owner sets *owner = chunk->owner on success, whatever the address;
+    # an allocation at 0 returns 0, and only the owner tells it from a failure.
+    pool, model = GenPool(12), ref.RefPool(12)
+    for virt, owner in ((0x10_0000, "high"), (0, "zero")):
+        pool.add_owner(virt, PHYS + virt, 8 * KiB, owner)
+        model.add(virt, PHYS + virt, 8 * KiB, owner)
+    assert pool.alloc_owner(4 * KiB) == model.alloc(4 * KiB, "first_fit", 0) == (0, "zero")
+    want = model.alloc(4 * KiB, "best_fit", 0)
+    assert pool.alloc_algo_owner(4 * KiB, best_fit) == want == (4 * KiB, "zero")
+    assert pool.free_owner(0, 4 * KiB) == model.free(0, 4 * KiB)[1] == "zero"
+    assert pool.alloc_owner(16 * KiB) == model.alloc(16 * KiB, "first_fit", 0) == (0, None)
+    assert pool.alloc(4 * KiB) == 0  # at 0 again: alloc() alone cannot tell, as in the kernel
+    assert pool.free_owner(0, 4 * KiB) == "zero"
+    assert pool.free_owner(4 * KiB, 4 * KiB) == "zero"
+    assert pool.avail() == pool.size()
+
+
+def test_dma_alloc_at_address_0_returns_the_region() -> None:
+    # The kernel's gen_pool_dma_alloc_algo returns NULL for vaddr 0 and keeps the memory
+    # allocated; uvdma returns it (docs/genalloc.md, differences).
+    pool = GenPool(12)
+    pool.add_virt(0, PHYS, 8 * KiB)
+    assert pool.dma_alloc(4 * KiB) == (0, PHYS)
+    assert pool.dma_alloc(4 * KiB) == (4 * KiB, PHYS + 4 * KiB)
+    assert pool.dma_alloc(4 * KiB) is None
+    nophys = GenPool(12)
+    nophys.add(0, 4 * KiB)
+    assert nophys.dma_alloc(4 * KiB) == (0, -1)
+    assert nophys.dma_alloc(4 * KiB) is None
+
+
+def test_a_chunk_ending_at_2_64_works_to_its_last_byte() -> None:
+    pool, model = GenPool(12), ref.RefPool(12)
+    pool.add_owner(TOP - 16 * KiB, TOP - 32 * KiB, 16 * KiB, "top")
+    model.add(TOP - 16 * KiB, TOP - 32 * KiB, 16 * KiB, "top")
+    want = [model.alloc(4 * KiB, "fixed", 12 * KiB), model.alloc(12 * KiB, "first_fit", 0)]
+    assert want == [(TOP - 4 * KiB, "top"), (TOP - 16 * KiB, "top")]
+    assert pool.alloc_algo_owner(4 * KiB, fixed_alloc, GenPoolDataFixed(12 * KiB)) == want[0]
+    assert pool.alloc_owner(12 * KiB) == want[1]
+    assert pool.virt_to_phys(TOP - 1) == model.virt_to_phys(TOP - 1) == TOP - 16 * KiB - 1
+    assert pool.has_addr(TOP - 4 * KiB, 4 * KiB) == model.has_addr(TOP - 4 * KiB, 4 * KiB)
+    assert pool.has_addr(TOP - 4 * KiB, 4 * KiB)
+    assert pool.free_owner(TOP - 4 * KiB, 4 * KiB) == "top"
+    pool.add_virt(0x10000, TOP - 4 * KiB, 4 * KiB)  # a physical range ending at 2**64 - 1
+    assert pool.virt_to_phys(0x10FFF) == TOP - 1
+
+
+@pytest.mark.parametrize(
+    ("virt", "phys", "size", "words"),
+    [
+        (TOP - 4 * KiB, PHYS, 8 * KiB, "passes 2\\*\\*64"),  # end_addr wraps to 0xfff
+        (TOP - 1, PHYS, 2, "passes 2\\*\\*64"),
+        (TOP, PHYS, 4 * KiB, "not a 64-bit address"),
+        (-4 * KiB, PHYS, 4 * KiB, "not a 64-bit address"),
+        (BASE, TOP - 4 * KiB, 8 * KiB, "physical range"),  # virt_to_phys would wrap
+        (BASE, TOP, 4 * KiB, "physical range"),
+        (BASE, -2, 4 * KiB, "physical range"),
+        (BASE, PHYS, TOP, "size"),  # not a size_t
+        (BASE, PHYS, 0, "size 0"),  # the kernel takes a chunk that never allocates
+        (0, PHYS, 0, "size 0"),  # ... whose end_addr wraps to 2**64 - 1: every address
+    ],
+)
+def test_chunks_the_kernel_would_wrap_are_refused(
+    virt: int, phys: int, size: int, words: str
+) -> None:
+    model = ref.RefPool(12)
+    if 0 <= virt < TOP and -1 <= phys < TOP and 0 <= size < TOP:
+        model.add(virt, phys, size, None)  # the kernel's own sums wrap:
+        c = model.chunks[0]
+        assert c.end != virt + size - 1 or model.virt_to_phys(c.end) != phys + size - 1
+    pool = make_pool()
+    before = snapshot(pool)
+    with pytest.raises(ValueError, match=words):
+        pool.add_virt(virt, phys, size)
+    assert snapshot(pool) == before
+    assert pool.size() == 1 * MiB
+
+
+def test_a_free_whose_range_would_wrap_is_refused() -> None:
+    pool, model = GenPool(12), ref.RefPool(12)
+    for virt, phys in ((0, PHYS), (TOP - 16 * KiB, 0x9_0000)):  # the top one searched first
+        pool.add_owner(virt, phys, 16 * KiB, virt)
+        model.add(virt, phys, 16 * KiB, virt)
+    a = pool.alloc_algo(4 * KiB, fixed_alloc, GenPoolDataFixed(12 * KiB))
+    assert a == TOP - 4 * KiB
+    pool.alloc(4 * KiB)  # granule 1 of the top chunk
+    model.alloc(4 * KiB, "fixed", 12 * KiB)
+    model.alloc(4 * KiB, "first_fit", 0)
+    before = snapshot(pool)
+    # addr + size - 1 wraps to 0xfff <= end_addr: the kernel's BUG_ON passes, and
+    # bitmap_clear_ll goes on far past the chunk's bitmap.
+    assert model.free(a, 8 * KiB) == ("wraps", None)
+    with pytest.raises(FreeCrossesChunkError, match="passes 2\\*\\*64"):
+        pool.free(a, 8 * KiB)
+    with pytest.raises(FreeCrossesChunkError, match="passes 2\\*\\*64"):
+        pool.free(TOP - 16 * KiB, TOP - 1)
+    # size 0 at address 0: addr + size - 1 wraps to 2**64 - 1; the kernel BUG()s
+    assert model.free(0, 0) == ("crosses", None)
+    with pytest.raises(FreeCrossesChunkError, match="below 0"):
+        pool.free_owner(0, 0)
+    assert snapshot(pool) == before
+    assert pool.free_owner(a, 4 * KiB) == TOP - 16 * KiB
+    assert pool.free_owner(16 * KiB - 1, 0) == 0  # size 0 elsewhere: frees nothing, as ever
+
+
+def test_has_addr_refuses_a_range_that_would_wrap() -> None:
+    pool, model = GenPool(12), ref.RefPool(12)
+    pool.add(0, 16 * KiB)
+    model.add(0, -1, 16 * KiB, None)
+    pool.add(TOP - 16 * KiB, 16 * KiB)
+    model.add(TOP - 16 * KiB, -1, 16 * KiB, None)
+    assert model.has_addr(TOP - 4 * KiB, 8 * KiB)  # the kernel: end wraps to 0xfff
+    for start, size in (
+        (TOP - 4 * KiB, 8 * KiB),
+        (0, 0),
+        (4 * KiB, TOP),
+        (TOP, 0),
+        (-1, 1),
+        (0, TOP),
+    ):
+        with pytest.raises(ValueError, match="would wrap"):
+            pool.has_addr(start, size)
+    assert pool.has_addr(TOP - 4 * KiB, 4 * KiB)
+    assert pool.has_addr(0, 16 * KiB) and not pool.has_addr(0, 16 * KiB + 1)
+    assert pool.has_addr(5, 0)
+
+
+def test_alignments_the_kernel_takes_but_uvdma_refuses() -> None:
+    # genpool_data_align.align is an int: the kernel builds a mask from any value
+    # (3000 at order 0: an address aligned to nothing in particular).
+    model = ref.RefPool(0)
+    model.add(BASE + 1, -1, 8 * KiB, None)
+    got = model.alloc(1, "first_fit_align", 3000)[0]
+    assert got % 3000 and got % 2048  # 0x10000008
+    pool = GenPool(0)
+    pool.add(BASE + 1, 8 * KiB)
+    before = snapshot(pool)
+    for align in (3000, 0, -4096):
+        with pytest.raises(ValueError, match="power of two"):
+            pool.dma_alloc_align(1, align)
+    assert snapshot(pool) == before
+    assert pool.dma_alloc_align(1, 1 << 40) is None  # beyond the kernel's int: no fit here
+    pool.add(1 << 41, 8 * KiB)
+    assert pool.dma_alloc_align(1, 1 << 40) == (1 << 41, -1)
 
 
 # -- zalloc writes real memory -------------------------------------------------------

@@ -29,6 +29,12 @@ Where user space differs, and why:
 * Chunks whose virtual ranges overlap are refused when added (the kernel accepts
   them and then answers by list order); chunks are then found with a binary
   search rather than a list walk, with the same answer.
+* Where the kernel's unsigned arithmetic would wrap, uvdma raises ``ValueError``:
+  a chunk whose virtual or physical range passes 2**64, a free or a
+  :meth:`GenPool.has_addr` range whose last byte (``addr + size - 1``) is not a
+  64-bit address.  Inputs the kernel accepts but that can only be mistakes are
+  refused too: a chunk of size 0, an alignment that is not a power of two.
+  ``docs/genalloc.md`` lists every such difference.
 * :meth:`GenPool.virt_to_phys` returns -1 for an address in a chunk added with
   :meth:`GenPool.add` (no physical address), where the kernel returns
   ``-1 + offset``.
@@ -47,7 +53,7 @@ import warnings
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, Final, Literal, overload
 
 from uvdma._sys import zero
 from uvdma.errors import (
@@ -74,6 +80,13 @@ __all__ = [
 
 _FREE = 0
 _USED = 1
+_U64 = 1 << 64  # unsigned long and phys_addr_t: addresses are 0..2**64-1
+# What GenPool._alloc returns: the address; (address, phys), True kept for callers that
+# pass it; (address, owner).  _NO_REGION is the (address, phys) failure, told apart by
+# identity from a success at address 0 whose phys is -1.
+_WITH_PHYS: Final = 1
+_WITH_OWNER: Final = 2
+_NO_REGION: Final = (0, -1)
 
 
 class Bitmap:
@@ -339,6 +352,32 @@ except ImportError:  # pragma: no cover - mmap is always there on Linux
     pass
 
 
+def _check_chunk(virt: int, phys: int, size: int) -> None:
+    """Refuse a chunk the kernel would take with a wrapped ``end_addr`` or phys, or size 0."""
+    if not 0 < size < _U64:
+        raise ValueError(
+            f"gen_pool_add: chunk at {virt:#x} has size {size}; give its size in bytes, "
+            "1 to 2**64-1 (a chunk of 0 bytes could never allocate)"
+        )
+    if not 0 <= virt < _U64:
+        raise ValueError(
+            f"gen_pool_add: {virt:#x} is not a 64-bit address; pass the chunk's virtual "
+            "address, 0 to 2**64-1"
+        )
+    if virt + size > _U64:
+        raise ValueError(
+            f"gen_pool_add: chunk {virt:#x} of {size:#x} bytes passes 2**64 (the kernel's "
+            f"end_addr would wrap to {(virt + size - 1) % _U64:#x}); pass the mapping's real "
+            "address and size"
+        )
+    if phys != -1 and not 0 <= phys <= _U64 - size:
+        raise ValueError(
+            f"gen_pool_add: physical range {phys:#x} of {size:#x} bytes is not within 0 to "
+            "2**64-1 (the kernel's gen_pool_virt_to_phys would wrap); pass the chunk's real "
+            "physical address, or -1 for none"
+        )
+
+
 class GenPool:
     """``struct gen_pool``: special memory carved in granules of ``1 << min_alloc_order`` bytes.
 
@@ -373,17 +412,16 @@ class GenPool:
         """``gen_pool_add_owner``: add a chunk of ``size`` bytes at ``virt`` (physical ``phys``).
 
         The new chunk is searched first.  ``owner`` comes back from
-        :meth:`alloc_owner` and :meth:`free_owner`.  Raises ``ValueError`` for a
-        negative address, a size below one granule, or a range that overlaps a chunk
-        already in the pool.
+        :meth:`alloc_owner` and :meth:`free_owner`.  ``phys`` is -1 for none.  A size
+        that is not a multiple of the granule leaves a tail that is never allocated.
+
+        Raises ``ValueError``, and adds nothing, for a size of 0, an address that is
+        not 64-bit, a virtual or physical range that passes 2**64 (the kernel's
+        ``end_addr`` would wrap), or a range that overlaps a chunk already in the pool.
         """
         if self._destroyed:
             raise GenPoolError("gen_pool_add: this pool was destroyed; create a new GenPool")
-        if virt < 0 or size <= 0:
-            raise ValueError(
-                f"gen_pool_add: bad chunk at {virt:#x} of {size} bytes; "
-                "the address must not be negative and the size must be positive"
-            )
+        _check_chunk(virt, phys, size)
         nbits = size >> self.min_alloc_order
         chunk = GenPoolChunk(virt, phys, size, nbits, owner)
         with self._lock:
@@ -411,22 +449,30 @@ class GenPool:
 
     @overload
     def _alloc(
-        self, size: int, algo: GenPoolAlgo, data: Any = None, with_phys: Literal[False] = False
+        self, size: int, algo: GenPoolAlgo, data: Any = None, want: Literal[0] = 0
     ) -> int: ...
     @overload
     def _alloc(
-        self, size: int, algo: GenPoolAlgo, data: Any, with_phys: Literal[True]
+        self, size: int, algo: GenPoolAlgo, data: Any, want: Literal[1, True]
     ) -> tuple[int, int]: ...
+    @overload
     def _alloc(
-        self, size: int, algo: GenPoolAlgo, data: Any = None, with_phys: bool = False
-    ) -> int | tuple[int, int]:
+        self, size: int, algo: GenPoolAlgo, data: Any, want: Literal[2]
+    ) -> tuple[int, object]: ...
+    def _alloc(
+        self, size: int, algo: GenPoolAlgo, data: Any = None, want: int = 0
+    ) -> int | tuple[int, int] | tuple[int, object]:
         """``gen_pool_alloc_algo_owner``, the one allocation path every ``alloc`` method
-        goes through: the address, 0 on failure; with ``with_phys`` (address, physical
-        address), (0, -1) on failure: the chunk found here spares a ``virt_to_phys``."""
+        goes through.  ``want`` says what it returns: 0, the address (0 on failure);
+        :data:`_WITH_PHYS`, (address, physical address), :data:`_NO_REGION` on failure,
+        so the chunk found here spares a ``virt_to_phys``; :data:`_WITH_OWNER`,
+        (address, owner), (0, None) on failure.  An allocation at address 0 (a chunk at
+        0) is told from a failure by the owner, as in the kernel, or by identity with
+        :data:`_NO_REGION`."""
         if size <= 0:
             if size < 0:
                 raise ValueError(f"gen_pool_alloc: size must not be negative, not {size}")
-            return (0, -1) if with_phys else 0
+            return 0 if not want else (_NO_REGION if want == _WITH_PHYS else (0, None))
         order = self.min_alloc_order
         nbits = (size + (1 << order) - 1) >> order
         nbytes = nbits << order
@@ -462,11 +508,13 @@ class GenPool:
                 chunk.avail -= nbytes
                 self._avail -= nbytes
                 offset = start_bit << order
-                if not with_phys:
+                if not want:
                     return chunk.start_addr + offset
-                phys = chunk.phys_addr
-                return chunk.start_addr + offset, (phys + offset if phys != -1 else -1)
-            return (0, -1) if with_phys else 0
+                if want == _WITH_PHYS:
+                    phys = chunk.phys_addr
+                    return chunk.start_addr + offset, (phys + offset if phys != -1 else -1)
+                return chunk.start_addr + offset, chunk.owner
+            return 0 if not want else (_NO_REGION if want == _WITH_PHYS else (0, None))
         finally:
             lock.release()
 
@@ -475,32 +523,35 @@ class GenPool:
     #: Python call level costs as much as a tenth of the whole first-fit alloc+free pair.
     alloc_algo = _alloc
 
-    def _owner_of(self, addr: int) -> object:
-        chunk = self._find(addr) if addr else None
-        return chunk.owner if chunk is not None else None
-
     def alloc(self, size: int) -> int:
-        """``gen_pool_alloc``: allocate ``size`` bytes with the pool's algorithm; 0 on failure."""
+        """``gen_pool_alloc``: allocate ``size`` bytes with the pool's algorithm; 0 on failure.
+
+        As in the kernel, an allocation at address 0 (from a chunk added at 0) also
+        returns 0; :meth:`alloc_owner` tells the two apart.
+        """
         return self._alloc(size, self._algo, self._data)
 
     def alloc_owner(self, size: int) -> tuple[int, object]:
-        """``gen_pool_alloc_owner``: like :meth:`alloc`, also returning the chunk's owner."""
-        addr = self._alloc(size, self._algo, self._data)
-        return addr, self._owner_of(addr)
+        """``gen_pool_alloc_owner``: like :meth:`alloc`, also returning the chunk's owner
+        (None on failure, and for a chunk added without one)."""
+        return self._alloc(size, self._algo, self._data, _WITH_OWNER)
 
     def alloc_algo_owner(
         self, size: int, algo: GenPoolAlgo, data: Any = None
     ) -> tuple[int, object]:
         """``gen_pool_alloc_algo_owner``: :meth:`alloc_algo` that also returns the owner."""
-        addr = self._alloc(size, algo, data)
-        return addr, self._owner_of(addr)
+        return self._alloc(size, algo, data, _WITH_OWNER)
 
     def dma_alloc_algo(
         self, size: int, algo: GenPoolAlgo, data: Any = None
     ) -> tuple[int, int] | None:
-        """``gen_pool_dma_alloc_algo``: returns (vaddr, dma address) or None."""
-        addr, phys = self._alloc(size, algo, data, True)
-        return (addr, phys) if addr else None
+        """``gen_pool_dma_alloc_algo``: returns (vaddr, dma address) or None.
+
+        An allocation at vaddr 0 (a chunk added at 0) is returned as (0, dma), where the
+        kernel returns NULL and keeps the memory allocated.
+        """
+        got = self._alloc(size, algo, data, _WITH_PHYS)
+        return None if got is _NO_REGION else got
 
     def dma_alloc(self, size: int) -> tuple[int, int] | None:
         """``gen_pool_dma_alloc``: allocate with the pool's algorithm; (vaddr, dma) or None."""
@@ -514,9 +565,10 @@ class GenPool:
         self, size: int, algo: GenPoolAlgo, data: Any = None
     ) -> tuple[int, int] | None:
         """``gen_pool_dma_zalloc_algo``: :meth:`dma_alloc_algo`, then zero ``size`` bytes."""
-        addr, phys = self._alloc(size, algo, data, True)
-        if not addr:
+        got = self.dma_alloc_algo(size, algo, data)
+        if got is None:
             return None
+        addr = got[0]
         chunk = self._find(addr)
         if chunk is None:  # only if the pool was destroyed under us
             raise GenPoolError(f"gen_pool_dma_zalloc: {addr:#x} left the pool while zeroing")
@@ -526,7 +578,7 @@ class GenPool:
             self.free(addr, size)
             raise
         zero(addr, size)
-        return addr, phys
+        return got
 
     def dma_zalloc(self, size: int) -> tuple[int, int] | None:
         """``gen_pool_dma_zalloc``: :meth:`dma_alloc` of zeroed memory."""
@@ -546,16 +598,26 @@ class GenPool:
                 return chunk
         return None
 
-    def free(self, addr: int, size: int) -> None:
-        """``gen_pool_free``: give back ``size`` bytes at ``addr``.
+    def free_owner(self, addr: int, size: int) -> object:
+        """``gen_pool_free_owner``: give back ``size`` bytes at ``addr``; returns the
+        owner of the chunk they came from (:meth:`free` is the same call).
 
         Raises :class:`~uvdma.errors.FreeNotInPoolError`,
         :class:`~uvdma.errors.FreeCrossesChunkError` or
-        :class:`~uvdma.errors.FreeNotAllocatedError` where the kernel would ``BUG()``;
-        the pool is then unchanged: every check runs before a bit is cleared.
+        :class:`~uvdma.errors.FreeNotAllocatedError` where the kernel would ``BUG()``,
+        and ``FreeCrossesChunkError`` too where its ``addr + size - 1`` would wrap
+        (past 2**64; below 0 for size 0 at address 0); the pool is then unchanged:
+        every check runs before a bit is cleared.
         """
-        if size < 0:
-            raise ValueError(f"gen_pool_free: size must not be negative, not {size}")
+        if size <= 0:
+            if size < 0:
+                raise ValueError(f"gen_pool_free: size must not be negative, not {size}")
+            if not addr and self._find(0) is not None:
+                raise FreeCrossesChunkError(
+                    "gen_pool_free: 0x0 of size 0: its last byte, addr + size - 1, is below 0 "
+                    "(the kernel's unsigned arithmetic wraps it to 2**64-1, past the chunk); "
+                    "pass the size that was allocated"
+                )
         order = self.min_alloc_order
         nbits = (size + (1 << order) - 1) >> order
         lock = self._lock
@@ -569,10 +631,7 @@ class GenPool:
                     "free memory to the pool it was allocated from"
                 )
             if addr + size - 1 > chunk.end_addr:
-                raise FreeCrossesChunkError(
-                    f"gen_pool_free: {addr:#x} of size {size} runs past the end of its chunk "
-                    f"({chunk.start_addr:#x}-{chunk.end_addr:#x}); pass the size that was allocated"
-                )
+                raise self._crosses(addr, size, chunk)
             start_bit = (addr - chunk.start_addr) >> order
             bitmap = chunk.map
             bits = bitmap.bits
@@ -591,8 +650,26 @@ class GenPool:
             nbytes = nbits << order
             chunk.avail += nbytes
             self._avail += nbytes
+            return chunk.owner
         finally:
             lock.release()
+
+    #: ``gen_pool_free(addr, size)``: :meth:`free_owner`, the owner ignored; the kernel's
+    #: gen_pool_free is gen_pool_free_owner with a NULL owner.  The same function, not a
+    #: wrapper, for the call level it saves on the alloc+free pair.
+    free = free_owner
+
+    @staticmethod
+    def _crosses(addr: int, size: int, chunk: GenPoolChunk) -> FreeCrossesChunkError:
+        if addr + size > _U64:
+            return FreeCrossesChunkError(
+                f"gen_pool_free: {addr:#x} of size {size:#x} passes 2**64 (the kernel's "
+                "addr + size - 1 would wrap); pass the size that was allocated"
+            )
+        return FreeCrossesChunkError(
+            f"gen_pool_free: {addr:#x} of size {size} runs past the end of its chunk "
+            f"({chunk.start_addr:#x}-{chunk.end_addr:#x}); pass the size that was allocated"
+        )
 
     @staticmethod
     def _not_allocated(addr: int, size: int) -> FreeNotAllocatedError:
@@ -600,11 +677,6 @@ class GenPool:
             f"gen_pool_free: {addr:#x} of size {size} is not wholly allocated "
             "(a double free, or the wrong size); free exactly what alloc returned"
         )
-
-    def free_owner(self, addr: int, size: int) -> object:
-        """``gen_pool_free_owner``: :meth:`free` that returns the chunk's owner."""
-        self.free(addr, size)
-        return self._owner_of(addr)
 
     # -- queries --------------------------------------------------------------
 
@@ -616,7 +688,17 @@ class GenPool:
         return chunk.phys_addr + (addr - chunk.start_addr)
 
     def has_addr(self, start: int, size: int) -> bool:
-        """``gen_pool_has_addr``: whether [start, start + size) lies inside one chunk."""
+        """``gen_pool_has_addr``: whether [start, start + size) lies inside one chunk.
+
+        Raises ``ValueError`` where the kernel's ``start + size - 1`` would wrap (a range
+        past 2**64, or size 0 at address 0) or for an argument that is not 64-bit.
+        """
+        if not (0 <= start < _U64 and 0 <= size < _U64 and 0 <= start + size - 1 < _U64):
+            raise ValueError(
+                f"gen_pool_has_addr: [{start:#x}, +{size:#x}) is not a range of 64-bit "
+                "addresses (its last byte, start + size - 1, would wrap in the kernel); "
+                "pass a start and a size whose last byte is 0 to 2**64-1"
+            )
         chunk = self._find(start)
         return chunk is not None and start + size - 1 <= chunk.end_addr
 

@@ -98,7 +98,7 @@ def _algo_data(algo: GenPoolAlgo, pool: GenPool) -> Any:
 
 def _time_batches(
     alloc: Callable[[int, GenPoolAlgo, Any], int],
-    free: Callable[[int, int], None],
+    free: Callable[[int, int], object],
     algo: GenPoolAlgo,
     data: Any,
     batches: int,
