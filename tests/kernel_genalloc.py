@@ -53,6 +53,37 @@ def find_next_zero_area_off(
         return index
 
 
+def best_fit(m: list[bool], size: int, start: int, nr: int) -> int:
+    """gen_pool_best_fit, line for line."""
+    start_bit, length = size, size + 1
+    index = find_next_zero_area_off(m, size, start, nr, 0, 0)
+    while index < size:
+        next_bit = find_next_bit(m, size, index + nr)
+        if next_bit - index < length:
+            length = next_bit - index
+            start_bit = index
+            if length == nr:
+                return start_bit
+        index = find_next_zero_area_off(m, size, next_bit + 1, nr, 0, 0)
+    return start_bit
+
+
+def free_runs(m: list[bool]) -> dict[int, int]:
+    """Every maximal run of free granules, first granule -> end (exclusive)."""
+    runs: dict[int, int] = {}
+    i = 0
+    while i < len(m):
+        if m[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(m) and not m[j]:
+            j += 1
+        runs[i] = j
+        i = j
+    return runs
+
+
 Algo = Literal["first_fit", "first_fit_align", "fixed", "order_align", "best_fit"]
 
 
@@ -75,18 +106,7 @@ def run_algo(
     if algo == "order_align":
         mask = (1 << (nr - 1).bit_length()) - 1
         return find_next_zero_area_off(m, size, 0, nr, mask, 0)
-    # best_fit
-    start_bit, length = size, size + 1
-    index = find_next_zero_area_off(m, size, 0, nr, 0, 0)
-    while index < size:
-        next_bit = find_next_bit(m, size, index + nr)
-        if next_bit - index < length:
-            length = next_bit - index
-            start_bit = index
-            if length == nr:
-                return start_bit
-        index = find_next_zero_area_off(m, size, next_bit + 1, nr, 0, 0)
-    return start_bit
+    return best_fit(m, size, 0, nr)
 
 
 @dataclass

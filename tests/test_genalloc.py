@@ -24,6 +24,7 @@ from uvdma.errors import (
 from uvdma.genalloc import (
     Bitmap,
     GenPool,
+    GenPoolAlgo,
     GenPoolChunk,
     GenPoolDataAlign,
     GenPoolDataFixed,
@@ -264,6 +265,232 @@ def test_find_next_zero_area_matches_lib_bitmap(
         assert got > len(bits) - nr
     assert m.find_next_zero_bit(len(bits), start) == ref.find_next_zero_bit(bits, len(bits), start)
     assert m.find_next_bit(len(bits), start) == ref.find_next_bit(bits, len(bits), start)
+
+
+# -- best_fit's index of free runs, against the kernel model ------------------------
+
+
+def assert_index_matches(bitmap: Bitmap) -> None:
+    """If best_fit has indexed this map, the index holds exactly the map's free runs."""
+    runs = bitmap._runs
+    if runs is None:
+        return
+    want = ref.free_runs([b == 1 for b in bitmap.bits])
+    assert runs.end == want
+    assert runs.start == {b: a for a, b in want.items()}
+    assert runs.lengths == sorted(runs.heaps)
+    for a, b in want.items():  # every run in the heap of its length (dead entries may wait)
+        assert a in runs.heaps[b - a]
+    for heap in runs.heaps.values():
+        assert all(heap[(k - 1) // 2] <= heap[k] for k in range(1, len(heap)))
+    assert runs.entries == sum(len(h) for h in runs.heaps.values())
+    assert runs.entries <= 2 * (len(want) + 1) + 64  # checked at each add; a take may not add
+
+
+class Twin:
+    """A GenPool and the kernel model, driven together; every answer compared."""
+
+    def __init__(self, order: int = 12) -> None:
+        self.pool, self.model, self.order = GenPool(order), ref.RefPool(order), order
+
+    def add(self, virt: int, size: int, owner: object = None) -> None:
+        self.pool.add_owner(virt, PHYS + virt, size, owner)
+        self.model.add(virt, PHYS + virt, size, owner)
+
+    def alloc(self, granules: int, algo: ref.Algo = "best_fit", arg: int = 0) -> int:
+        size = granules << self.order
+        data = {"first_fit_align": GenPoolDataAlign, "fixed": GenPoolDataFixed}.get(algo)
+        want = self.model.alloc(size, algo, arg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = self.pool.alloc_algo_owner(size, ALGOS[algo], data(arg) if data else None)
+        assert got == want, (algo, granules, arg)
+        self.check()
+        return got[0]
+
+    def free(self, addr: int, granules: int) -> None:
+        assert self.model.free(addr, granules << self.order)[0] == "ok"
+        self.pool.free(addr, granules << self.order)
+        self.check()
+
+    def carve(self, base: int, pattern: str) -> None:
+        """Allocate granule i of the chunk at ``base`` where pattern[i] == '#'."""
+        for i, ch in enumerate(pattern):
+            if ch == "#":
+                self.alloc(1, "fixed", i << self.order)
+                assert self.pool.virt_to_phys(base + (i << self.order)) != -1
+
+    def check(self) -> None:
+        chunks: list[GenPoolChunk] = []
+        self.pool.for_each_chunk(lambda _p, c: chunks.append(c))
+        assert [[b == 1 for b in c.map.bits] for c in chunks] == [c.bits for c in self.model.chunks]
+        for c in chunks:
+            assert_index_matches(c.map)
+
+
+ALGOS = {
+    "first_fit": first_fit,
+    "first_fit_align": first_fit_align,
+    "fixed": fixed_alloc,
+    "order_align": first_fit_order_align,
+    "best_fit": best_fit,
+}
+G = 4 * KiB
+
+
+def test_best_fit_ties_go_to_the_lowest_run_as_runs_come_and_go() -> None:
+    t = Twin()
+    t.add(BASE, 32 * G)
+    t.carve(BASE, "#..#..#...#..#...#..#...........")
+    # runs of 2 at 1, 4, 11, 18; of 3 at 7, 14; of 11 at 21
+    assert t.alloc(1) == BASE + 1 * G  # no run of 1: the lowest run of 2
+    assert t.alloc(2) == BASE + 4 * G  # the lowest exact fit
+    t.free(BASE + 4 * G, 2)  # a run of 2 comes back below 11 and 18
+    assert t.alloc(2) == BASE + 4 * G
+    assert t.alloc(3) == BASE + 7 * G
+    assert t.alloc(3) == BASE + 14 * G
+    t.free(BASE + 7 * G, 3)
+    assert t.alloc(2) == BASE + 11 * G  # equal runs of 2 at 11 and 18, and 3 at 7
+    assert t.alloc(2) == BASE + 18 * G
+    assert t.alloc(2) == BASE + 7 * G  # only 3 and 11 left: the 3
+    assert t.alloc(2) == BASE + 21 * G
+
+
+def test_frees_merge_runs_left_right_and_both() -> None:
+    t = Twin()
+    t.add(BASE, 24 * G)
+    t.carve(BASE, "..#.#..###..#####.#.....")
+    # runs [0,2) [3,4) [5,7) [10,12) [17,18) [19,24)
+    assert t.alloc(1) == BASE + 3 * G  # builds the index; the lowest run of 1
+    t.free(BASE + 2 * G, 1)  # merges left: [0,3)
+    t.free(BASE + 3 * G, 1)  # left again: [0,4)
+    t.free(BASE + 4 * G, 1)  # both sides: [0,7)
+    t.free(BASE + 8 * G, 1)  # neither: [8,9)
+    t.free(BASE + 7 * G, 1)  # both: [0,9)
+    t.free(BASE + 9 * G, 1)  # both: [0,12)
+    assert t.alloc(5) == BASE + 19 * G  # the exact fit, not the lower [0,12)
+    assert t.alloc(1) == BASE + 17 * G
+    assert t.alloc(6) == BASE + 0 * G
+    t.free(BASE + 16 * G, 1)  # neither: [16,17)
+    t.free(BASE + 17 * G, 1)  # left: [16,18)
+    t.free(BASE + 12 * G, 4)  # right with [16,18) and left with [6,12): [6,18)
+    assert t.alloc(12) == BASE + 6 * G
+
+
+def test_best_fit_takes_the_first_chunk_with_a_fit_not_the_best_chunk() -> None:
+    # gen_pool_alloc_algo_owner stops at the first chunk (newest first) where the
+    # algorithm finds room: best fit is per chunk.
+    t = Twin()
+    t.add(BASE, 16 * G, "old")
+    t.carve(BASE, "#..#############")  # an exact fit for 2 in the older chunk
+    t.add(BASE + 1 * MiB, 16 * G, "new")  # one run of 16 in the newer
+    assert t.pool.alloc_algo_owner(2 * G, best_fit) == (BASE + 1 * MiB, "new")
+    t.model.alloc(2 * G, "best_fit", 0)
+    t.check()
+    assert t.alloc(14) == BASE + 1 * MiB + 2 * G
+    assert t.alloc(2) == BASE + 1 * G  # the newer chunk is full: the older's exact fit
+    assert t.alloc(1) == 0
+
+
+def test_best_fit_on_a_chunk_with_a_sub_granule_tail() -> None:
+    t = Twin()
+    t.add(BASE, 10 * G + 100)  # ten granules; the 100-byte tail is never a granule
+    t.carve(BASE, "#.........")
+    assert t.alloc(9) == BASE + 1 * G
+    t.free(BASE + 1 * G, 9)
+    t.free(BASE, 1)
+    assert t.alloc(10) == BASE
+    assert t.alloc(1) == 0
+
+
+def test_the_index_is_built_on_a_fragmented_chunk_and_kept_by_every_algorithm() -> None:
+    t = Twin(order=6)
+    t.add(BASE + 0x40, 200 << 6)  # a chunk start that is not aligned past 64 bytes
+    held: list[tuple[int, int]] = []
+    for i in range(60):  # fragment it before best_fit ever runs
+        n = 1 + (i * 7) % 5
+        held.append((t.alloc(n, "first_fit"), n))
+    for addr, n in held[1::3]:
+        t.free(addr, n)
+    chunks: list[GenPoolChunk] = []
+    t.pool.for_each_chunk(lambda _p, c: chunks.append(c))
+    assert chunks[0].map._runs is None
+    t.alloc(2)  # best_fit: builds the index from the bitmap
+    assert chunks[0].map._runs is not None
+    t.alloc(1, "first_fit")  # the inlined one-granule path
+    t.alloc(3, "order_align")  # may land inside a run: its start found by rfind
+    t.alloc(2, "first_fit_align", 16 << 6)
+    t.alloc(1, "fixed", 190 << 6)  # the middle of the last run
+    t.alloc(4, "best_fit")
+    for addr, n in held[::3]:
+        t.free(addr, n)
+    t.alloc(5, "best_fit")
+
+
+def test_the_index_stays_small_under_churn() -> None:
+    # A run of 2 at granule 1 goes and comes back 200 times while another run of 2 lives
+    # on: each return pushes a heap entry, and compaction keeps the heap bounded.
+    t = Twin()
+    t.add(BASE, 32 * G)
+    t.carve(BASE, "#..#################..##########")
+    for _ in range(200):
+        assert t.alloc(2) == BASE + 1 * G
+        t.free(BASE + 1 * G, 2)
+    chunks: list[GenPoolChunk] = []
+    t.pool.for_each_chunk(lambda _p, c: chunks.append(c))
+    runs = chunks[0].map._runs
+    assert runs is not None
+    assert runs.entries <= 2 * (len(runs.end) + 1) + 64
+    assert t.alloc(3) == 0  # avail is enough, no run is: the index answers "none"
+
+
+def test_best_fit_on_part_of_a_map_walks_as_the_kernel_does() -> None:
+    # Called with a start past 0 or a size short of the map, best_fit cannot use the
+    # chunk's index (whose runs span the whole map): it walks, and truncates runs there.
+    pattern = "#..#.....#...#......#.."
+    bits = [ch == "#" for ch in pattern]
+    m = Bitmap(len(bits))
+    for i, b in enumerate(bits):
+        if b:
+            m._set(i, 1)
+    pool = make_pool()
+    for size, start, nr in [(len(bits), 5, 3), (18, 0, 5), (12, 2, 3), (len(bits), 0, 2)]:
+        want = ref.best_fit(bits, size, start, nr)
+        assert best_fit(m, size, start, nr, None, pool, BASE) == want, (size, start, nr)
+
+
+@given(
+    order=st.integers(0, 3),
+    chunks=st.lists(st.integers(1, 300), min_size=1, max_size=3),
+    ops=st.lists(
+        st.tuples(st.integers(0, 9), st.integers(1, 12), st.integers(0, 400)),
+        min_size=1,
+        max_size=120,
+    ),
+)
+def test_best_fit_matches_the_kernel_on_random_histories(
+    order: int, chunks: list[int], ops: list[tuple[int, int, int]]
+) -> None:
+    """Fragment with every algorithm, free at random (merging runs), best-fit often."""
+    t = Twin(order)
+    for i, granules in enumerate(chunks):
+        t.add(BASE + i * MiB + (i << order), (granules << order) + (i % 2) * ((1 << order) // 2))
+    held: list[tuple[int, int]] = []
+    kinds: list[ref.Algo] = ["best_fit"] * 5
+    kinds += ["first_fit", "order_align", "first_fit_align"]
+    for op, n, arg in ops:
+        if op >= 8 and held:
+            t.free(*held.pop(arg % len(held)))
+            continue
+        algo = kinds[op] if op < 8 else "fixed"
+        data = arg
+        if algo == "first_fit_align":
+            data = 1 << (arg % 6 + order)
+        elif algo == "fixed":
+            data = arg << order
+        addr = t.alloc(n, algo, data)
+        if addr:
+            held.append((addr, n))
 
 
 # -- bad input: a specific error, and the pool exactly as it was -------------------
@@ -524,10 +751,12 @@ def test_dma_zalloc_refuses_unmapped_memory_and_gives_it_back() -> None:
 # -- threads -------------------------------------------------------------------------
 
 
-def test_threads_never_share_a_granule_and_accounting_is_exact() -> None:
+@pytest.mark.parametrize("algo", [first_fit, best_fit])
+def test_threads_never_share_a_granule_and_accounting_is_exact(algo: GenPoolAlgo) -> None:
     pool = GenPool(6)
     pool.add(1 << 32, 4096 * 64)
     pool.add(1 << 33, 4096 * 64)
+    pool.set_algo(algo)  # best_fit: the index of free runs is kept under the pool's lock
     held: list[list[tuple[int, int]]] = [[] for _ in range(4)]
     errors: list[BaseException] = []
 
@@ -559,6 +788,11 @@ def test_threads_never_share_a_granule_and_accounting_is_exact() -> None:
     for mine in held:
         for a, s in mine:
             pool.free(a, s)
+    chunks: list[GenPoolChunk] = []
+    pool.for_each_chunk(lambda _p, c: chunks.append(c))
+    assert any(c.map._runs is not None for c in chunks) == (algo is best_fit)
+    for c in chunks:
+        assert_index_matches(c.map)
     assert pool.avail() == pool.size()
 
 

@@ -24,6 +24,7 @@ from hypothesis.stateful import (
 )
 
 from tests import kernel_genalloc as ref
+from tests.test_genalloc import assert_index_matches
 from uvdma.errors import (
     FreeCrossesChunkError,
     FreeNotAllocatedError,
@@ -242,6 +243,8 @@ class GenPoolMachine(RuleBasedStateMachine):
             lambda _p, c: got.append((c.start_addr, [b == 1 for b in c.map.bits]))
         )
         assert got == [(c.start, c.bits) for c in self.model.chunks]
+        for c in self._chunks():
+            assert_index_matches(c.map)
 
     def teardown(self) -> None:
         busy = any(any(c.bits) for c in self.model.chunks)

@@ -41,7 +41,9 @@ def _cmd_vm_kernel(args: argparse.Namespace) -> int:
 def _cmd_bench_genalloc(args: argparse.Namespace) -> int:
     from uvdma.bench import genalloc as bench_genalloc  # noqa: PLC0415 - numpy: slow to import
 
-    return bench_genalloc.main(json_out=args.json, quick=args.quick)
+    return bench_genalloc.main(
+        json_out=args.json, quick=args.quick, granules=args.granules, fills=args.fills
+    )
 
 
 def _group_viable(dev: pci.PciDevice) -> bool | None:
@@ -220,6 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ga_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ga_p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    from uvdma.bench import genalloc as bench_genalloc  # noqa: PLC0415 - its argument types
+
+    ga_p.add_argument(
+        "--granules",
+        type=bench_genalloc.granules_arg,
+        default=bench_genalloc.GRANULES,
+        metavar="LIST",
+        help="pool sizes in granules, comma-separated (default: 65536,1048576)",
+    )
+    ga_p.add_argument(
+        "--fills",
+        type=bench_genalloc.fills_arg,
+        default=bench_genalloc.FILLS,
+        metavar="LIST",
+        help="fills in percent, comma-separated (default: 0,50,90)",
+    )
     ga_p.set_defaults(func=_cmd_bench_genalloc)
     map_p = bench_sub.add_parser("map", help="IOMMU map+unmap latency beside a null ioctl")
     map_p.add_argument("--device", metavar="BDF", help="default: the first vfio-pci device")
