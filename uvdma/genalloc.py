@@ -182,7 +182,7 @@ class _FreeRuns:
         held them keeps what lies before ``s`` and after ``s + n``."""
         end = self.end
         b = end.pop(s, None)
-        if b is None:  # inside a run (an aligned or fixed allocation): find its start
+        if b is None:  # inside a run (aligned, fixed): its start, by a memrchr back to it
             a = bits.rfind(_USED, 0, s) + 1
             b = end[a]
             end[a] = s
