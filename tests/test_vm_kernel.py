@@ -391,6 +391,7 @@ def test_an_interrupted_build_stops_make_and_leaves_nothing_half_made(
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert f"uvdma: interrupted ({signal.Signals(signum).name})" in err
+    assert "stopped: removing the partial build tree" in err
     assert "Traceback" not in err
     with pytest.raises(ProcessLookupError):
         os.kill(make_pid, 0)

@@ -419,6 +419,8 @@ def _build_into(
         raise KernelBuildError(_os_error_text(e, root)) from e
     finally:
         with interrupts_deferred():
+            if work.exists() and sys.exc_info()[0] is not None:
+                progress.say("stopped: removing the partial build tree (a few seconds)")
             shutil.rmtree(work, ignore_errors=True)
 
 
