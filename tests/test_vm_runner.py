@@ -255,6 +255,20 @@ def test_hardware_kvm_is_accepted(tmp_path: Path) -> None:
     assert vm.kvm_problem(*fake_host(tmp_path / "amd", pvm=False, flags="svm")) is None
 
 
+def test_kvm_pvm_is_named_even_when_dev_kvm_is_not_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    why = vm.kvm_problem(*fake_host(tmp_path, pvm=True, flags="sse2"))
+    assert why is not None and "kvm-pvm" in why
+
+
+def test_an_unwritable_dev_kvm_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    why = vm.kvm_problem(*fake_host(tmp_path, pvm=False, flags="vmx"))
+    assert why is not None and "add it to group kvm" in why
+
+
 def test_missing_dev_kvm_is_refused(tmp_path: Path) -> None:
     sysfs, cpuinfo, _ = fake_host(tmp_path, pvm=False, flags="vmx")
     why = vm.kvm_problem(sysfs, cpuinfo, str(tmp_path / "absent"))
@@ -572,3 +586,11 @@ def test_an_unwritable_temporary_directory_is_a_clear_error(
     with pytest.raises(VmError, match="No space left on device; free space in"):
         vm.run(config(kernel="stock", command=["true"]), io.StringIO())
     assert list(temp_parent.iterdir()) == []
+
+
+def test_a_full_or_read_only_temporary_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with (
+        pytest.raises(VmError, match=r"creating the VM's directory in .*point TMPDIR"),
+        vm.run_dir(tmp_path / "missing"),
+    ):
+        pass

@@ -277,8 +277,6 @@ def kvm_problem(
     """
     if not os.path.exists(dev):
         return f"there is no {dev} (no KVM module loaded, or no hardware virtualisation)"
-    if not os.access(dev, os.R_OK | os.W_OK):
-        return f"{dev} is not readable and writable by this user (add it to group kvm)"
     if (sysfs / "module/kvm_pvm").exists():
         return (
             f"this host's {dev} is kvm-pvm ({sysfs}/module/kvm_pvm exists), which runs only "
@@ -295,12 +293,14 @@ def kvm_problem(
             [],
         )
     except OSError:
-        return None
+        flags = ["vmx"]  # cannot tell: let QEMU say
     if "vmx" not in flags and "svm" not in flags:
         return (
             f"the CPU has neither the vmx nor the svm flag ({cpuinfo}), so {dev} is not "
             "hardware KVM and cannot run a stock kernel"
         )
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return f"{dev} is not readable and writable by this user (add it to group kvm)"
     return None
 
 
@@ -458,7 +458,14 @@ def run_dir(parent: Path | None = None) -> Iterator[Path]:
     (:func:`sweep_stale_run_dirs`).
     """
     with interrupts_deferred():
-        path = Path(tempfile.mkdtemp(prefix=_RUN_DIR_PREFIX, dir=parent))
+        try:
+            path = Path(tempfile.mkdtemp(prefix=_RUN_DIR_PREFIX, dir=parent))
+        except OSError as e:
+            where = parent or tempfile.gettempdir()
+            raise VmError(
+                f"creating the VM's directory in {where}: {e.strerror or e}; free space "
+                "there or point TMPDIR at a writable directory"
+            ) from e
         lock_fd = -1
         try:
             # Lock before the file has its name, so no sweeper sees it unlocked.
