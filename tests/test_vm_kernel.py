@@ -92,7 +92,7 @@ printf 'install ok installed\\t6.12.117-1~deb12u1'
 FAKE_APT_GET = """#!/bin/sh
 echo "apt-get $*" >> "$FAKE_STATE/apt.calls"
 [ -f "$FAKE_STATE/apt-fails" ] && { echo "E: Unable to locate package $*"; exit 100; }
-if [ "$1" = install ]; then
+if [ "$3" = install ]; then
     for a; do case "$a" in -*|install) ;; *) echo "$a" >> "$FAKE_STATE/installed";; esac; done
 fi
 exit 0
@@ -266,8 +266,8 @@ def test_missing_packages_are_installed_as_root(
     kernel.build(out)
     calls = (fake_build / "apt.calls").read_text().splitlines()
     assert calls == [
-        "apt-get update -q",
-        "apt-get install -y -q --no-install-recommends "
+        "apt-get -o DPkg::Lock::Timeout=600 update -q",
+        "apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "
         "linux-source-6.12 flex bison libelf-dev libssl-dev",
     ]
     assert "installing Debian packages: linux-source-6.12 flex bison" in out.getvalue()

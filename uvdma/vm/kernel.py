@@ -70,6 +70,8 @@ EXPECTED_STEPS = 3000
 BUILD_MINUTES = 15
 #: Seconds between progress lines when the output is not a terminal.
 PROGRESS_EVERY = 60.0
+#: Wait for another apt or dpkg (tools/setup.sh, unattended-upgrades) instead of failing.
+_APT_WAIT = ("-o", "DPkg::Lock::Timeout=600")
 _STEP_RE = re.compile(rb"^\s+(CC|AS|LD|AR|HOSTCC|HOSTLD|GEN|OBJCOPY|VDSO|RELOCS)\b")
 _FRAGMENT_LINE_RE = re.compile(r"^(?:(CONFIG_\w+)=(.*)|# (CONFIG_\w+) is not set)$")
 
@@ -315,10 +317,10 @@ def _install_packages(progress: Progress, root: Path) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     with log.open("wb") as f:
         for what, cmd in (
-            ("apt-get update", ["apt-get", "update", "-q"]),
+            ("apt-get update", ["apt-get", *_APT_WAIT, "update", "-q"]),
             (
                 f"apt-get install {names}",
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+                ["apt-get", *_APT_WAIT, "install", "-y", "-q", "--no-install-recommends", *missing],
             ),
         ):
             rc = _run_logged(cmd, f, env=env)
@@ -445,6 +447,11 @@ def _run_logged(
     on any exception, including an interrupt, its whole process group is killed first."""
     proc: subprocess.Popen[bytes] | None = None
     if shutil.which(cmd[0], path=(env or os.environ).get("PATH")) is None:
+        if cmd[0] == "apt-get":
+            raise KernelBuildError(
+                "apt-get is not installed: the guest kernel is built from Debian's kernel "
+                f"source; install {' '.join(SOURCE.build_packages)} by hand or use Debian"
+            )
         raise KernelBuildError(
             f"{cmd[0]} is not installed: `apt-get install {' '.join(SOURCE.build_packages)}`"
         )
