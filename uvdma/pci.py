@@ -116,15 +116,23 @@ class PciDevice:
 
     @property
     def driver(self) -> str | None:
-        """Name of the bound driver, or None."""
-        link = self.path / "driver"
-        return Path(link.readlink()).name if link.is_symlink() else None
+        """Name of the bound driver, or None.
+
+        One readlink, no is_symlink check first: a driver binding or unbinding in between
+        (udev, a give-back child) would make the pair race.
+        """
+        try:
+            return Path(os.readlink(self.path / "driver")).name
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     @property
     def iommu_group(self) -> int | None:
         """The IOMMU group number, or None when no IOMMU translates for the device."""
-        link = self.path / "iommu_group"
-        return int(Path(link.readlink()).name) if link.is_symlink() else None
+        try:
+            return int(Path(os.readlink(self.path / "iommu_group")).name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def __str__(self) -> str:
         return str(self.address)
