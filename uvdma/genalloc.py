@@ -16,7 +16,7 @@ Where user space differs, and why:
   are ``bytearray.find`` calls that run in C (``memchr`` and a substring search
   for a run of free granules), plus a "first free" hint that lets first-fit skip
   a full prefix.  The result of every search is the one the kernel's loop gives;
-  ``tests/test_genalloc.py`` checks that against a transliteration of
+  ``tests/unit/test_genalloc.py`` checks that against a transliteration of
   ``lib/bitmap.c``.  The price is eight times the kernel's bitmap memory.
 * :func:`best_fit` returns the kernel's answer without the kernel's walk over
   every free run: the first best fit on a chunk indexes its free runs by length

@@ -81,11 +81,11 @@ def mounted(path: Path) -> bool:
 
 
 class Holder:
-    """A helper process from tests/vm/holders.py; its lines arrive on ``lines``."""
+    """A helper process from tests/support/holders.py; its lines arrive on ``lines``."""
 
     def __init__(self, kind: str, target: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.vm.holders", kind, target],
+            [sys.executable, "-m", "tests.support.holders", kind, target],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from tests.counting_kernel import CountingKernel
-from tests.vm import nvme_by_hand as nvme
+from tests.support import nvme_by_hand as nvme
+from tests.support.counting_kernel import CountingKernel
 from uvdma import _sys, pci
 from uvdma.dma import (
     DMA_BIT_MASK,
@@ -168,7 +168,7 @@ def test_the_cannot_block_path_makes_no_system_call(vdev: VfioDevice) -> None:
 LIMITS = """
 import ctypes, resource, sys
 from pathlib import Path
-from tests.vm import nvme_by_hand as nvme
+from tests.support import nvme_by_hand as nvme
 from uvdma import pci
 from uvdma.dma import (DMA_BIT_MASK, DmaAllocError, DmaDevice, dma_alloc_coherent,
                        dma_free_coherent, dma_set_mask_and_coherent)

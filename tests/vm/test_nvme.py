@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.vm.support import bind_back
+from tests.support.vm import bind_back
 from uvdma import pci
 from uvdma.dma import DmaBuffer
 from uvdma_nvme import IO_READ, CommandTimeoutError, Controller, NvmeError, pattern

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.vm.support import bind_back
+from tests.support.vm import bind_back
 from uvdma import pci
 from uvdma.dma import DmaBuffer, dma_alloc_coherent, dma_free_coherent
 from uvdma_nvme import (

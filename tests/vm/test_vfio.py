@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import nvme_by_hand as nvme
+from tests.support import nvme_by_hand as nvme
 from uvdma import pci
 from uvdma.errors import PciError, UvdmaError, UvdmaOSError
 from uvdma.memory import HugeMemory, IovaExhaustedError, Zone, allocate

@@ -1,7 +1,7 @@
 """The kernel ABI, transliterated: linux/vfio.h and linux/iommufd.h as ctypes.
 
 Kernel names, explicit padding, every struct's size and field offsets pinned by
-``tests/test_uapi.py``.  Nothing outside ``uvdma/vfio`` spells a raw struct.
+``tests/host/test_uapi.py``.  Nothing outside ``uvdma/vfio`` spells a raw struct.
 
 Followed: ``include/uapi/linux/vfio.h`` of Linux 6.1 (checked by compiling a probe
 against linux-libc-dev 6.1's header), plus the vfio cdev ioctls of 6.6

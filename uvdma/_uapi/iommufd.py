@@ -1,6 +1,6 @@
 """``include/uapi/linux/iommufd.h`` (Linux 6.6) as ctypes: the IOAS subset uvdma uses.
 
-Sizes and offsets are pinned by ``tests/test_uapi.py``.
+Sizes and offsets are pinned by ``tests/host/test_uapi.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``include/uapi/linux/vfio.h`` (Linux 6.1; the cdev ioctls from 6.6) as ctypes.
 
 Every VFIO ioctl is ``_IO(';', 100 + n)``: the struct size is not part of the
-number, so a wrong layout would be silently accepted.  ``tests/test_uapi.py`` pins
+number, so a wrong layout would be silently accepted.  ``tests/host/test_uapi.py`` pins
 each struct's size and offsets to the header's.
 """
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_kernel import FakeKernel
 from uvdma import _sys
 from uvdma.errors import UvdmaError, UvdmaOSError
 from uvdma.memory import hugepages as hp
 from uvdma.memory.iova import MSI_WINDOW, IovaError, IovaExhaustedError, IovaSpace, Zone
+from uvdma.testing.fake_kernel import FakeKernel
 
 MiB = 1 << 20
 GiB = 1 << 30

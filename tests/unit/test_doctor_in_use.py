@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.fake_sysfs import add_block, make_device
 from uvdma import doctor, pci
+from uvdma.testing.fake_sysfs import add_block, make_device
 
 BDF = "0000:01:00.0"
 

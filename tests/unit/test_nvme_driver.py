@@ -14,9 +14,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests.fake_kernel import FakeKernel
-from tests.fake_sysfs import make_device
 from uvdma import _sys, pci
+from uvdma.testing.fake_kernel import FakeKernel
+from uvdma.testing.fake_sysfs import make_device
 from uvdma.vfio import VfioDevice, open_device
 from uvdma_nvme import CommandError, Controller, NvmeError, status_name
 from uvdma_nvme.prp import PrpPlan, fill_prp_lists, plan_prps, prp_list_pages_needed
@@ -139,7 +139,7 @@ def test_bad_constructor_arguments_are_refused_before_anything_is_touched(
 def test_program_arguments_are_checked_before_anything_is_opened(
     program: str, args: list[str], message: str
 ) -> None:
-    script = Path(__file__).resolve().parents[1] / "examples" / "nvme" / program
+    script = Path(__file__).resolve().parents[2] / "examples" / "nvme" / program
     r = subprocess.run(
         [sys.executable, str(script), "--device", "0000:00:09.0", *args],
         capture_output=True,

@@ -23,8 +23,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from tests import kernel_genalloc as ref
-from tests.test_genalloc import assert_index_matches
+from tests.support import kernel_genalloc as ref
+from tests.unit.test_genalloc import assert_index_matches
 from uvdma.errors import (
     FreeCrossesChunkError,
     FreeNotAllocatedError,

@@ -6,7 +6,7 @@ ENOSPC, pinned bytes past RLIMIT_MEMLOCK -> ENOMEM, unmapping nothing -> size 0 
 ENOENT), the argsz protocol (a too-small buffer gets argsz grown, capabilities after
 the struct), iommufd's EMSGSIZE for a short range array, and hugetlb reservations.
 BAR and config space are real memory so register reads work; a device model attached with
-:meth:`FakeKernel.attach_model` (tests/nvme_sim.py) sees each BAR0 access instead, and DMAs
+:meth:`FakeKernel.attach_model` (uvdma_nvme.sim) sees each BAR0 access instead, and DMAs
 through :meth:`FakeKernel.dma_windows` (the IOMMU's view: what each IOVA maps to, with which
 permissions), reporting what the IOMMU blocks with :meth:`FakeKernel.record_fault`.
 """

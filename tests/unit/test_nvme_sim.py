@@ -1,4 +1,4 @@
-"""The software NVMe controller (tests/nvme_sim.py), driven with raw SQEs through uvdma's VFIO
+"""The software NVMe controller (uvdma_nvme.sim), driven with raw SQEs through uvdma's VFIO
 layer and DMA API on the fake kernel: every value checked is the one NVMe 2.0 (or QEMU, where
 it says so) gives.  The last test runs the examples/nvme driver on it."""
 
@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 
 import uvdma_nvme as nvme  # the example driver, unmodified
-from tests import nvme_sim as S  # noqa: N812
-from tests.fake_kernel import FakeKernel
-from tests.nvme_sim import BDF, NvmeSim, SimConfig, SimNamespace, sim_controller
 from uvdma import _sys
 from uvdma.dma import (
     DmaDevice,
     dma_alloc_coherent,
     dma_free_coherent,
 )
+from uvdma.testing.fake_kernel import FakeKernel
 from uvdma.vfio import VfioDevice, open_device
 from uvdma.vfio.faults import IommuFault
+from uvdma_nvme import sim as S  # noqa: N812
+from uvdma_nvme.sim import BDF, NvmeSim, SimConfig, SimNamespace, sim_controller
 
 PAGE = 4096
 CC_IO = (4 << 20) | (6 << 16)  # IOCQES 16 B, IOSQES 64 B

@@ -2,7 +2,7 @@
 
 It follows the NVM Express Base Specification 2.0 ("NVMe 2.0") and the NVM Command Set 1.0
 ("NVM 1.0") closely enough that an unmodified driver brings it up and does I/O on it through
-uvdma's VFIO layer, with :class:`tests.fake_kernel.FakeKernel` behind the syscall seam:
+uvdma's VFIO layer, with :class:`uvdma.testing.fake_kernel.FakeKernel` behind the syscall seam:
 
 - registers (NVMe 2.0, 3.1.4): every BAR0 access reaches the controller as it happens
   (``Bar.reg32/read32/write32/read64/write64`` go through the seam's ``mmio32``/``mmio64``),
@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from tests.fake_kernel import DmaWindow, FakeDevice, FakeKernel
-from tests.fake_sysfs import make_device
 from uvdma import _sys, pci
 from uvdma._uapi import vfio as V  # noqa: N812
+from uvdma.testing.fake_kernel import DmaWindow, FakeDevice, FakeKernel
+from uvdma.testing.fake_sysfs import make_device
 
 BDF = "0000:00:0a.0"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.fake_sysfs import make_device
 from uvdma import doctor, pci
+from uvdma.testing.fake_sysfs import make_device
 
 
 def tree(tmp_path: Path, *, iommu: bool, vfio: bool, free_2m: int) -> tuple[Path, Path]:

@@ -1,10 +1,10 @@
 """Processes that hold a device, for the VM tests of ``uvdma unbind`` (tests/vm/test_bind.py).
 
-    python -m tests.vm.holders plain BDF     # a VfioDevice, default handling of the request
-    python -m tests.vm.holders handler BDF   # a VfioDevice with a release handler
-    python -m tests.vm.holders raw BDF       # container, group and device fd by hand: no
+    python -m tests.support.holders plain BDF     # a VfioDevice, default handling of the request
+    python -m tests.support.holders handler BDF   # a VfioDevice with a release handler
+    python -m tests.support.holders raw BDF       # container, group and device fd by hand: no
                                              # request channel, so it never lets go by itself
-    python -m tests.vm.holders open PATH     # a file (a block device) held open
+    python -m tests.support.holders open PATH     # a file (a block device) held open
 
 Each prints ``ready`` once it holds the device, then what happens to it, one line each.
 The raw holder closes its device fd on SIGUSR1 and its group and container on SIGUSR2.

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_sysfs import add_block, add_process, make_device
 from uvdma import pci
 from uvdma.errors import DeviceInUseError, PciError
+from uvdma.testing.fake_sysfs import add_block, add_process, make_device
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests import kernel_genalloc as ref
+from tests.support import kernel_genalloc as ref
 from uvdma.errors import (
     FreeCrossesChunkError,
     FreeNotAllocatedError,

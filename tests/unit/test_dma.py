@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.counting_kernel import CountingKernel
-from tests.fake_kernel import FakeKernel
-from tests.fake_sysfs import make_device
+from tests.support.counting_kernel import CountingKernel
 from uvdma import _sys, pci
 from uvdma.dma import (
     DMA_BIDIRECTIONAL,
@@ -54,6 +52,8 @@ from uvdma.dma.pool import default_pool_size, resolve_pool_size
 from uvdma.errors import ClosedError, UvdmaError
 from uvdma.memory import hugepages
 from uvdma.memory.iova import Zone
+from uvdma.testing.fake_kernel import FakeKernel
+from uvdma.testing.fake_sysfs import make_device
 from uvdma.vfio import VfioDevice, open_device
 
 BDF = "0000:00:09.0"

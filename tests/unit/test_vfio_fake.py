@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_kernel import FakeKernel
-from tests.fake_sysfs import make_device
 from uvdma import _sys, pci
 from uvdma._uapi import vfio as V  # noqa: N812
 from uvdma.errors import (
@@ -27,6 +25,8 @@ from uvdma.errors import (
     UvdmaOSError,
 )
 from uvdma.memory.iova import Zone
+from uvdma.testing.fake_kernel import FakeKernel
+from uvdma.testing.fake_sysfs import make_device
 from uvdma.vfio import (
     DmaMapError,
     GroupNotViableError,

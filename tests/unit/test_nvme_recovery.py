@@ -1,4 +1,4 @@
-"""The NVMe driver's command lifecycle on the software controller (tests/nvme_sim.py):
+"""The NVMe driver's command lifecycle on the software controller (examples/nvme/uvdma_nvme/sim.py):
 timeouts, Abort both ways, resets, CSTS.CFS, surprise removal, threads, Ctrl-C, the device
 request and use after close.  Driver logic only: the same claims against QEMU's controller
 and the real kernel are in tests/vm/test_nvme_faults.py."""
@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.fake_kernel import FakeKernel
-from tests.nvme_sim import BDF, NvmeSim, SimConfig, SimNamespace, sim_controller
 from uvdma.dma import DmaBuffer
+from uvdma.testing.fake_kernel import FakeKernel
 from uvdma.vfio import open_device
 from uvdma_nvme import (
     IO_READ,
@@ -29,6 +28,7 @@ from uvdma_nvme import (
     NvmeError,
     pattern,
 )
+from uvdma_nvme.sim import BDF, NvmeSim, SimConfig, SimNamespace, sim_controller
 
 FILL = 0xA5
 

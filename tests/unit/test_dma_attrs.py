@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_kernel import FakeKernel
-from tests.fake_sysfs import make_device
 from uvdma import _sys, pci
 from uvdma.dma import (
     DMA_ATTR_SKIP_CPU_SYNC,
@@ -21,6 +19,8 @@ from uvdma.dma import (
     dma_unmap_single,
     dma_unmap_single_attrs,
 )
+from uvdma.testing.fake_kernel import FakeKernel
+from uvdma.testing.fake_sysfs import make_device
 from uvdma.vfio import open_device
 
 BDF = "0000:00:09.0"

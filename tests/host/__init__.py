@@ -1,0 +1,1 @@
+"""Host tier: real processes, system calls and compilers on the host; no device, no root needed."""

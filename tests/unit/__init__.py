@@ -1,0 +1,1 @@
+"""Unit tier: pure logic, and the kernel replaced behind the syscall seam (uvdma.testing)."""
