@@ -94,3 +94,62 @@ class DeviceReleasedError(ClosedError):
 
 class DomainInUseError(UvdmaError):
     """An IOMMU domain was asked to close while devices still use it; nothing changed."""
+
+
+class KernelBuildError(VmError):
+    """A step of building the guest kernel failed; the message names it and the fix."""
+
+
+class GroupNotViableError(UvdmaError):
+    """A device in the group is bound to a driver other than vfio-pci."""
+
+
+# -- memory (uvdma.memory) -------------------------------------------------------------------
+
+
+class HugepagesUnavailableError(UvdmaError):
+    """No hugepages of the size asked for, and no fallback allowed."""
+
+
+class MemoryShortError(UvdmaError, MemoryError):
+    """The machine does not have the memory asked for; nothing was allocated."""
+
+
+class SizeError(UvdmaError, ValueError):
+    """A size written as text (``512K``, ``2G``) could not be read; the message names the
+    setting and shows a good value."""
+
+
+# -- IOMMU domains (uvdma.vfio) --------------------------------------------------------------
+
+
+class DmaMapError(UvdmaError):
+    """A DMA map or unmap was refused; the domain is unchanged."""
+
+
+class IovaError(UvdmaError):
+    """An IOVA could not be given out or taken back."""
+
+
+class IovaExhaustedError(IovaError):
+    """No free, suitably aligned IOVA range of the size asked for in the windows allowed."""
+
+
+# -- the DMA API (uvdma.dma) -----------------------------------------------------------------
+
+
+class DmaApiError(UvdmaError, ValueError):
+    """A misuse of the DMA API: the pools and mappings are unchanged."""
+
+
+class DmaAllocError(UvdmaError, MemoryError):
+    """No DMA memory that satisfies the request (the kernel's NULL)."""
+
+
+class DmaMaskError(UvdmaError, ValueError):
+    """A DMA mask the IOMMU domain cannot satisfy (``dma_set_mask`` returning -EIO)."""
+
+
+class DmaDomainError(UvdmaError, ValueError):
+    """A DMA domain was asked for in a way that contradicts how it was made (a second,
+    different ``coherent_pool``); nothing was changed."""

@@ -53,7 +53,7 @@ def no_boot(*args: object, **kw: object) -> None:
         (["vm", "run", "--memory", "1"], "--memory: must be between 512M"),
         (["vm", "run", "--memory", "64T"], "--memory: must be between 512M and 1024G"),
         (["vm", "run", "--memory", "lots"], "--memory: cannot read the size 'lots'"),
-        (["vm", "run", "--nvme-size", "1P"], "--nvme-size: cannot read the size '1P'"),
+        (["vm", "run", "--nvme-size", "1P"], "--nvme-size: must be between 1M and 1024G, not 1P"),
         (["vm", "run", "--nvme-size", "4K"], "--nvme-size: must be between 1M"),
         (["vm", "run", "--boot-timeout", "nan"], "--boot-timeout: must be more than 0"),
         (["vm", "run", "--timeout", "inf"], "--timeout: must be more than 0"),

@@ -23,8 +23,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from uvdma.errors import KernelBuildError
 from uvdma.vm import kernel
-from uvdma.vm.kernel import KernelBuildError, KernelSource
+from uvdma.vm.kernel import KernelSource
 
 FRAGMENT = 'CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_S="-uvdma"\n'
 

@@ -44,9 +44,14 @@ def test_parse_size() -> None:
     assert vm.parse_size("64M") == 64 << 20
     assert vm.parse_size("2g") == 2 << 30
     assert vm.parse_size("512") == 512
-    for bad in ("lots", "-1G", "1.5G", "1P", "9" * 40):
-        with pytest.raises(VmError, match="K, M, G or T"):
+    # the kernel's memparse (uvdma._args): trailing text ignored, P and E suffixes, 0x
+    assert vm.parse_size("1.5G") == 1 and vm.parse_size("1P") == 1 << 50
+    assert vm.parse_size("0x10M") == 16 << 20
+    for bad in ("lots", "-1G", "G"):
+        with pytest.raises(VmError, match=r"K, M, G, T, P or E, e\.g\. 64M"):
             vm.parse_size(bad)
+    with pytest.raises(VmError, match=r"past 2\*\*64"):
+        vm.parse_size("9" * 40)
 
 
 def test_command_line_has_the_known_good_shape() -> None:

@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 
 from uvdma import _sys
-from uvdma.errors import UvdmaError, UvdmaOSError
+from uvdma.errors import (
+    HugepagesUnavailableError,
+    IovaError,
+    IovaExhaustedError,
+    MemoryShortError,
+    UvdmaOSError,
+)
 from uvdma.memory import hugepages as hp
-from uvdma.memory.iova import MSI_WINDOW, IovaError, IovaExhaustedError, IovaSpace, Zone
 from uvdma.testing.fake_kernel import FakeKernel
+from uvdma.vfio.iova import MSI_WINDOW, IovaSpace
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -63,7 +69,7 @@ def test_4k_fallback_warns_once_and_names_the_fix(fake: FakeKernel) -> None:
 
 def test_no_fallback_means_a_clear_error_and_nothing_left_open(fake: FakeKernel) -> None:
     fake.free_hugepages[hp.PAGE_2M] = 0
-    with pytest.raises(hp.HugepagesUnavailableError, match=r"--size 2M --count N"):
+    with pytest.raises(HugepagesUnavailableError, match=r"--size 2M --count N"):
         hp.allocate(MiB, hp.PAGE_2M, fallback=False)
     assert fake.open_kinds() == []
 
@@ -101,41 +107,49 @@ def test_size_names() -> None:
 # -- the IOVA space ---------------------------------------------------------------------
 
 
-def test_zones_give_addresses_in_their_windows() -> None:
+DMA = (0, (1 << 24) - 1)
+DMA32 = (1 << 24, (1 << 32) - 1)
+HIGH = (1 << 32, (1 << 64) - 1)
+
+
+def test_an_iova_is_chosen_inside_the_window_asked_for() -> None:
     s = IovaSpace(RANGES)
-    dma = s.alloc(MiB, MiB, Zone.DMA)
-    dma32 = s.alloc(MiB, MiB, Zone.DMA32)
-    normal = s.alloc(MiB, MiB, Zone.NORMAL)
-    assert dma > 0 and dma + MiB <= 1 << 24
-    assert dma32 >= 1 << 24 and dma32 + MiB <= 1 << 32
-    assert normal >= 1 << 32
+    low = s.alloc(MiB, MiB, [DMA])
+    mid = s.alloc(MiB, MiB, [DMA32])
+    high = s.alloc(MiB, MiB, [HIGH])
+    assert low > 0 and low + MiB <= 1 << 24
+    assert mid >= 1 << 24 and mid + MiB <= 1 << 32
+    assert high >= 1 << 32
+    # an odd upper bound (a 36-bit mask): the range ends at or below it, in one choice
+    odd = s.alloc(2 * MiB, MiB, [(1 << 32, (1 << 36) - 1)])
+    assert odd >= 1 << 32 and odd + 2 * MiB - 1 <= (1 << 36) - 1
 
 
 def test_page_zero_and_the_msi_window_are_never_handed_out() -> None:
     s = IovaSpace([(0, (1 << 32) - 1)])  # a kernel that did not report the MSI hole
     assert s.ranges[0][0] == 4096
-    got = [s.alloc(MiB, MiB, Zone.DMA32) for _ in range(4000)]
+    got = [s.alloc(MiB, MiB, [DMA32]) for _ in range(4000)]
     for iova in got:
         assert iova + MiB <= MSI_WINDOW[0] or iova > MSI_WINDOW[1]
 
 
-def test_fallback_goes_down_never_up_and_limits_hold() -> None:
+def test_windows_are_tried_in_order_and_bounds_hold() -> None:
     s = IovaSpace([(0, (1 << 32) - 1)])  # nothing above 4 GiB
-    assert s.alloc(MiB, zone=Zone.NORMAL) < 1 << 32  # NORMAL fell back to DMA32
+    assert s.alloc(MiB, windows=[HIGH, DMA32]) < 1 << 32  # the first had no room
     small = IovaSpace([(0x10_0000, 0x1FF_FFFF)])  # 1-32 MiB only
-    with pytest.raises(IovaExhaustedError, match="zone DMA"):
-        small.alloc(16 * MiB, zone=Zone.DMA)
-    iova = small.alloc(MiB, zone=Zone.DMA32, limit=(1 << 25) - 1)
+    with pytest.raises(IovaExhaustedError, match=r"in \[0x0, 0xffffff\]"):
+        small.alloc(16 * MiB, windows=[DMA])
+    iova = small.alloc(MiB, windows=[(1 << 24, (1 << 25) - 1)])
     assert iova + MiB - 1 <= (1 << 25) - 1
 
 
 def test_exhaustion_then_reuse_after_free() -> None:
     s = IovaSpace([(0, (1 << 24) - 1)])
-    blocks = [s.alloc(2 * MiB, 2 * MiB, Zone.DMA) for _ in range(7)]
+    blocks = [s.alloc(2 * MiB, 2 * MiB, [DMA]) for _ in range(7)]
     with pytest.raises(IovaExhaustedError, match=r"unmap memory you no longer need"):
-        s.alloc(2 * MiB, 2 * MiB, Zone.DMA)
+        s.alloc(2 * MiB, 2 * MiB, [DMA])
     s.free(blocks[3], 2 * MiB)
-    assert s.alloc(2 * MiB, 2 * MiB, Zone.DMA) == blocks[3]
+    assert s.alloc(2 * MiB, 2 * MiB, [DMA]) == blocks[3]
 
 
 def test_bad_frees_and_reservations() -> None:
@@ -155,23 +169,11 @@ def test_bad_frees_and_reservations() -> None:
         s.alloc(4096, 3000)
 
 
-def test_zone_for_mask_follows_dma_direct() -> None:
-    assert Zone.for_mask((1 << 24) - 1) is Zone.DMA
-    assert Zone.for_mask((1 << 28) - 1) is Zone.DMA32
-    assert Zone.for_mask((1 << 32) - 1) is Zone.DMA32
-    assert Zone.for_mask((1 << 64) - 1) is Zone.NORMAL
-    with pytest.raises(IovaError, match="narrower than 24 bits"):
-        Zone.for_mask((1 << 20) - 1)
-
-
-def test_memory_refuses_to_close_while_mapped(fake: FakeKernel) -> None:
+def test_memory_closes_idempotently(fake: FakeKernel) -> None:
     mem = hp.allocate(MiB)
-    mem.mapped_by.add("mapping")
-    with pytest.raises(UvdmaError, match="still mapped for DMA"):
-        mem.close()
-    mem.mapped_by.clear()
     mem.close()
     mem.close()  # idempotent
+    assert fake.open_kinds() == []
 
 
 def test_hugetlbfs_is_the_second_choice(
@@ -233,7 +235,7 @@ def test_more_4k_memory_than_the_machine_has_is_refused_before_it_is_made(
 ) -> None:
     fake.free_hugepages[hp.PAGE_2M] = 0
     monkeypatch.setattr(hp, "memory_status", status)
-    with pytest.warns(RuntimeWarning), pytest.raises(hp.MemoryShortError) as info:
+    with pytest.warns(RuntimeWarning), pytest.raises(MemoryShortError) as info:
         hp.allocate(3 * GiB)
     assert "1677721600 bytes available" in str(info.value)
     assert "uvdma hugepages" in str(info.value)
@@ -283,9 +285,9 @@ def test_memory_status_reads_meminfo_vmlck_and_cap_ipc_lock(
 def test_fits_says_whether_an_iova_range_could_be_had_without_taking_it() -> None:
     space = IovaSpace(RANGES)
     free = space.free_bytes()
-    assert space.fits(2 * MiB, 2 * MiB, Zone.DMA)
-    assert not space.fits(5 * GiB, 4096, Zone.DMA32)  # larger than the zone
-    assert space.fits(5 * GiB, 4096, Zone.NORMAL)
+    assert space.fits(2 * MiB, 2 * MiB, [DMA])
+    assert not space.fits(5 * GiB, 4096, [DMA32])  # larger than the window
+    assert space.fits(5 * GiB, 4096, [HIGH])
     assert not space.fits(0) and not space.fits(4096, 3)
     assert space.free_bytes() == free  # nothing taken
 

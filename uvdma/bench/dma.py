@@ -37,6 +37,7 @@ from uvdma.dma import (
     DMA_TO_DEVICE,
     GFP_ATOMIC,
     GFP_KERNEL,
+    DmaAllocation,
     DmaDevice,
     dma_alloc_coherent,
     dma_free_coherent,
@@ -63,10 +64,13 @@ class DmaResult:
     samples: list[float]
 
 
+_PAIR = DmaAllocation(0, 0)
+
+
 class _Anchor:
-    def noop(self, *args: object) -> tuple[int, int]:
+    def noop(self, *args: object) -> DmaAllocation:
         """A method call that does nothing (returns a pair, as the allocators do)."""
-        return (0, 0)
+        return _PAIR
 
 
 def _measure(

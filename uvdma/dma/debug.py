@@ -19,7 +19,7 @@ import traceback
 from typing import Any
 
 from uvdma._sys import fill
-from uvdma.errors import UvdmaError
+from uvdma.errors import DmaApiError
 
 POISON_FREE = 0x6B  # include/linux/poison.h: what freed memory is filled with
 KINDS = ("coherent", "single", "sg")
@@ -27,10 +27,6 @@ _OPS = {"coherent": "dma_free_coherent", "single": "dma_unmap_single", "sg": "dm
 
 #: A live record: (cpu address, size, direction, call site, owner-specific data)
 Record = tuple[int, int, int, str, Any]
-
-
-class DmaApiError(UvdmaError, ValueError):
-    """A misuse of the DMA API: the pools and mappings are unchanged."""
 
 
 def enabled_by_env() -> bool:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import threading
 
 from uvdma._sys import zero
-from uvdma.dma.debug import DmaApiError
-from uvdma.dma.direct import DmaDevice, dma_alloc_coherent, dma_free_coherent
+from uvdma.dma.device import DmaDevice
 from uvdma.dma.gfp import GFP_KERNEL, PAGE_SIZE
-from uvdma.errors import ClosedError
+from uvdma.dma.mapping import dma_alloc_coherent, dma_free_coherent
+from uvdma.dma.region import DmaAllocation, DmaRegion
+from uvdma.errors import ClosedError, DmaApiError
 
 
 class DmaPool:
@@ -42,7 +43,7 @@ class DmaPool:
                 f"and at least the block size {size}"
             )
         vd = dev._vfio
-        if dev._dead is not None or (vd is not None and vd.closed):
+        if dev._dead is not None or (vd is not None and vd.closed) or dev.domain.closed:
             raise dev.closed_error(f"dma_pool_create({name!r})")
         self.name = name
         self.dev = dev
@@ -50,15 +51,15 @@ class DmaPool:
         self.allocation = allocation
         self.boundary = min(boundary, allocation)
         self._lock = threading.Lock()
-        self._free: list[tuple[int, int]] = []  # (vaddr, dma), popped from the end
+        self._free: list[DmaAllocation] = []  # popped from the end
         self._out: dict[int, int] = {}  # dma -> vaddr of blocks handed out
-        self._pages: list[tuple[int, int]] = []
+        self._pages: list[DmaRegion] = []
         self._destroyed = False
 
     def _add_page(self, gfp: int) -> None:
         """``pool_alloc_page`` + ``pool_initialise_page``: carve a fresh page into blocks."""
         vaddr, dma = dma_alloc_coherent(self.dev, self.allocation, gfp)
-        self._pages.append((vaddr, dma))
+        self._pages.append(DmaRegion(vaddr, dma, self.allocation))
         offset, next_boundary = 0, self.boundary
         blocks = []
         while offset + self.size <= self.allocation:
@@ -66,15 +67,20 @@ class DmaPool:
                 offset = next_boundary
                 next_boundary += self.boundary
                 continue
-            blocks.append((vaddr + offset, dma + offset))
+            blocks.append(DmaAllocation(vaddr + offset, dma + offset))
             offset += self.size
         self._free.extend(reversed(blocks))  # the lowest address comes out first
 
-    def alloc(self, gfp: int = GFP_KERNEL) -> tuple[int, int]:
-        """``dma_pool_alloc``: (cpu address, dma address) of one block."""
+    def alloc(self, gfp: int = GFP_KERNEL) -> DmaAllocation:
+        """``dma_pool_alloc``: one block, as ``(cpu_addr, dma_handle)``."""
         dev = self.dev
         vd = dev._vfio
-        if self._destroyed or dev._dead is not None or (vd is not None and vd.closed):
+        if (
+            self._destroyed
+            or dev._dead is not None
+            or (vd is not None and vd.closed)
+            or dev.domain.closed
+        ):
             raise self._closed_error("dma_pool_alloc")
         lock = self._lock
         lock.acquire()
@@ -84,20 +90,20 @@ class DmaPool:
                     raise self._closed_error("dma_pool_alloc")
                 self._add_page(gfp)
             block = self._free.pop()
-            self._out[block[1]] = block[0]
+            self._out[block.dma_handle] = block.cpu_addr
             return block
         finally:
             lock.release()
 
-    def zalloc(self, gfp: int = GFP_KERNEL) -> tuple[int, int]:
+    def zalloc(self, gfp: int = GFP_KERNEL) -> DmaAllocation:
         """``dma_pool_zalloc``: a zeroed block."""
         block = self.alloc(gfp)
-        zero(block[0], self.size)
+        zero(block.cpu_addr, self.size)
         return block
 
     def free(self, vaddr: int, dma: int) -> None:
         """``dma_pool_free``: give a block back; a block that is not out raises, pool unchanged."""
-        if self._destroyed or self.dev.ctx.closed:
+        if self._destroyed or self.dev.dma_domain.closed:
             raise self._closed_error("dma_pool_free", memory=True)
         lock = self._lock
         lock.acquire()
@@ -108,7 +114,7 @@ class DmaPool:
                     "pool has out (a double free, a foreign address, or the wrong dma handle)"
                 )
             del self._out[dma]
-            self._free.append((vaddr, dma))
+            self._free.append(DmaAllocation(vaddr, dma))
         finally:
             lock.release()
 
@@ -117,7 +123,7 @@ class DmaPool:
         for frees) its memory gone with the IOMMU domain."""
         if self._destroyed:
             return ClosedError(f"{what}: DmaPool {self.name!r} is destroyed")
-        if memory and self.dev.ctx.closed:
+        if memory and self.dev.dma_domain.closed:
             return ClosedError(
                 f"{what}: DmaPool {self.name!r}: its IOMMU domain is closed (its memory went "
                 "with it)"
@@ -138,7 +144,7 @@ class DmaPool:
         once the IOMMU domain is closed there is nothing left to free."""
         if self._destroyed:
             return
-        if self.dev.ctx.closed:
+        if self.dev.dma_domain.closed:
             with self._lock:
                 self._out.clear()
                 self._free.clear()
@@ -154,8 +160,8 @@ class DmaPool:
             pages, self._pages = self._pages, []
             self._free.clear()
             self._destroyed = True
-        for vaddr, dma in pages:
-            dma_free_coherent(self.dev, self.allocation, vaddr, dma)
+        for page in pages:
+            dma_free_coherent(self.dev, page.size, page.cpu_addr, page.dma_addr)
 
     def __repr__(self) -> str:
         return (
@@ -171,12 +177,12 @@ def dma_pool_create(
     return DmaPool(name, dev, size, align, boundary)
 
 
-def dma_pool_alloc(pool: DmaPool, gfp: int = GFP_KERNEL) -> tuple[int, int]:
+def dma_pool_alloc(pool: DmaPool, gfp: int = GFP_KERNEL) -> DmaAllocation:
     """``dma_pool_alloc``."""
     return pool.alloc(gfp)
 
 
-def dma_pool_zalloc(pool: DmaPool, gfp: int = GFP_KERNEL) -> tuple[int, int]:
+def dma_pool_zalloc(pool: DmaPool, gfp: int = GFP_KERNEL) -> DmaAllocation:
     """``dma_pool_zalloc``."""
     return pool.zalloc(gfp)
 

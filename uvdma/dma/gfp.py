@@ -1,11 +1,13 @@
 """The DMA API's vocabulary: GFP flags, DMA_BIT_MASK, directions, attributes.
 
 Values follow include/linux/gfp_types.h and include/linux/dma-mapping.h.  Only the bits
-uvdma looks at matter: the zone modifiers (__GFP_DMA, __GFP_DMA32), whether the caller
-may block (__GFP_DIRECT_RECLAIM, which GFP_KERNEL has and GFP_ATOMIC lacks), and
-__GFP_NOWARN.  In user space "may block" means "may make a system call": mapping new
-memory into the IOMMU is an ioctl, so a caller that cannot block is served from memory
-already mapped (the atomic pools).
+uvdma looks at matter: the zone modifiers (__GFP_DMA, __GFP_DMA32: how a caller asks
+for a zone; :func:`uvdma.dma.zones.gfp_zone` turns them into :class:`~uvdma.dma.zones.Zone`,
+the one zone vocabulary inside uvdma), whether the caller may block
+(__GFP_DIRECT_RECLAIM, which GFP_KERNEL has and GFP_ATOMIC lacks), and __GFP_NOWARN.
+In user space "may block" means "may make a system call": mapping new memory into the
+IOMMU is an ioctl, so a caller that cannot block is served from memory already mapped
+(the atomic pools).
 """
 
 from __future__ import annotations
@@ -42,11 +44,6 @@ GFP_DMA = __GFP_DMA
 GFP_DMA32 = __GFP_DMA32
 
 
-def gfpflags_allow_blocking(gfp: int) -> bool:
-    """Whether the caller may sleep; for uvdma, whether it may make a system call."""
-    return bool(gfp & __GFP_DIRECT_RECLAIM)
-
-
 def DMA_BIT_MASK(n: int) -> int:  # noqa: N802 - the kernel's macro name
     """``DMA_BIT_MASK(n)``: the mask of an ``n``-bit DMA address."""
     if not 0 < n <= 64:
@@ -68,8 +65,6 @@ DMA_TO_DEVICE = DmaDataDirection.DMA_TO_DEVICE
 DMA_FROM_DEVICE = DmaDataDirection.DMA_FROM_DEVICE
 
 DMA_ATTR_SKIP_CPU_SYNC = 1 << 5  # unmap without copying back (a failed transfer)
-DMA_ATTR_NO_WARN = 1 << 8
-DMA_MAPPING_ERROR = (1 << 64) - 1
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 MAX_PAGE_ORDER = 10  # x86: the largest buddy allocation is 4 MiB
@@ -78,8 +73,3 @@ MAX_PAGE_ORDER = 10  # x86: the largest buddy allocation is 4 MiB
 def get_order(size: int) -> int:
     """``get_order``: the page order that holds ``size`` bytes."""
     return max(0, (size - 1) >> PAGE_SHIFT).bit_length()
-
-
-def page_align(size: int) -> int:
-    """``PAGE_ALIGN``."""
-    return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)

@@ -6,18 +6,26 @@ for.  Memory is mapped 2 MiB at a time (one hugepage, one IOMMU mapping) and car
 into power-of-two blocks by a :class:`~uvdma.genalloc.GenPool` per zone using
 ``first_fit_order_align``, so a block of order n is aligned to 2**n pages in IOVA and
 in virtual address alike, as buddy pages are.  Mapping a new 2 MiB is a system call:
-that is the "may sleep" part, taken only when ``may_map`` is true.  An allocation
-larger than 2 MiB gets memory and a mapping of its own.
+that is the "may sleep" part.  An allocation larger than 2 MiB gets memory and a mapping
+of its own.
 
-A zone that has no room falls back downwards (NORMAL, DMA32, DMA) when its new memory
-is mapped, like the kernel's zonelists.
+A request names a zone and a limit (the device's mask).  New memory is mapped at an IOVA
+chosen inside the zone's windows cut at the limit (:func:`~uvdma.dma.zones.zone_windows`:
+the zone, then the lower ones, as the kernel's zonelists fall back), so the address fits
+the mask the first time.  Blocks are carved from a pool per (zone, limit): a limit below
+the zone's top (a 36-bit mask in ZONE_NORMAL, say) has its own pool, whose every block
+fits it, so no block is handed out, checked against the mask and given back.
 
 Before any memory is allocated the IOVA space is asked whether the request fits in the
-zone at all, and the memory layer refuses memory the machine does not have
+windows at all, and the memory layer refuses memory the machine does not have
 (:class:`~uvdma.memory.hugepages.MemoryShortError`) or the process may not lock or pin
 (RLIMIT_MEMLOCK: :class:`~uvdma.errors.UvdmaOSError` ENOMEM), so an impossible request
 never touches memory.  Where the memory comes back as a 1 GiB page (the only hugepages
 free), the whole page is mapped and carved when the zone has room for it.
+
+Teardown (:meth:`PageAllocator.close`, called by :class:`~uvdma.dma.domain.DmaDomain`):
+each region is unmapped from the IOMMU, then its memory is unmapped from the process; if
+the IOMMU domain was closed first (it unmapped everything), only the memory is freed.
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ import threading
 from dataclasses import dataclass
 
 from uvdma.dma.gfp import PAGE_SHIFT, PAGE_SIZE
-from uvdma.errors import ClosedError, UvdmaError, UvdmaOSError
+from uvdma.dma.region import DmaRegion
+from uvdma.dma.zones import U64_MAX, Window, Zone, zone_windows
+from uvdma.errors import ClosedError, IovaExhaustedError, UvdmaError, UvdmaOSError
 from uvdma.genalloc import GenPool, first_fit_order_align
 from uvdma.memory import hugepages
 from uvdma.memory.hugepages import PAGE_2M, HugeMemory, allocate
-from uvdma.memory.iova import IovaExhaustedError, Zone
 from uvdma.vfio.domain import DmaMapping, IommuDomain
 
 CHUNK = PAGE_2M
@@ -39,9 +48,17 @@ CHUNK = PAGE_2M
 
 @dataclass
 class _Region:
+    """Memory this allocator mapped: unmapped from the IOMMU before it is freed."""
+
     memory: HugeMemory
     mapping: DmaMapping
     zone: Zone
+
+    def release(self, domain: IommuDomain) -> None:
+        """Unmap from the IOMMU (unless the domain already dropped everything), then munmap."""
+        if not domain.closed:
+            domain.unmap(self.mapping)
+        self.memory.close()
 
 
 class PageAllocator:
@@ -50,20 +67,30 @@ class PageAllocator:
     def __init__(self, domain: IommuDomain) -> None:
         self.domain = domain
         self._lock = threading.Lock()
-        self._pools = {z: GenPool(PAGE_SHIFT) for z in Zone}
-        for pool in self._pools.values():
-            pool.set_algo(first_fit_order_align)
+        self._pools: dict[tuple[Zone, int], GenPool] = {}  # (zone, limit) -> its pages
         self._regions: list[_Region] = []
         self._big: dict[int, _Region] = {}
         self.closed = False
 
-    def _map(self, size: int, zone: Zone) -> _Region:
-        """New memory of at least ``size`` bytes mapped in ``zone`` (or lower).
+    def _pool(self, zone: Zone, limit: int) -> GenPool:
+        key = (zone, min(limit, zone.last))
+        pool = self._pools.get(key)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(key)
+                if pool is None:
+                    pool = GenPool(PAGE_SHIFT)
+                    pool.set_algo(first_fit_order_align)
+                    self._pools[key] = pool
+        return pool
 
-        Raises IovaExhaustedError before allocating anything when the zone cannot hold
+    def _map(self, size: int, zone: Zone, windows: tuple[Window, ...]) -> _Region:
+        """New memory of at least ``size`` bytes mapped at an IOVA inside ``windows``.
+
+        Raises IovaExhaustedError before allocating anything when the windows cannot hold
         ``size`` bytes, and UvdmaOSError(ENOMEM) when pinning them would pass
         RLIMIT_MEMLOCK (type1 counts pinned pages against it)."""
-        if not self.domain.iova.fits(size, PAGE_SIZE, zone):
+        if not self.domain.iova.fits(size, PAGE_SIZE, windows):
             raise IovaExhaustedError(f"no room for {size:#x} bytes in zone {zone.name}")
         if hugepages.lock_limited():  # else no /proc to read on this path
             status = hugepages.memory_status()
@@ -75,57 +102,54 @@ class PageAllocator:
         mem = allocate(size)
         try:
             try:
-                mapping = self.domain.map_memory(mem, zone=zone)
+                mapping = self.domain.map_memory(mem, windows=windows)
             except IovaExhaustedError:
                 if mem.size == size:
                     raise
                 # a 1 GiB page where the zone has no room for it: map what was asked
                 mapping = self.domain.map(
-                    mem.vaddr, size, zone=zone, align=min(mem.page_size, CHUNK), owner=mem
+                    mem.vaddr, size, align=min(mem.page_size, CHUNK), windows=windows
                 )
         except BaseException:
             mem.close()
             raise
         return _Region(mem, mapping, zone)
 
-    def alloc_pages(
-        self, zone: Zone, order: int, *, may_map: bool = True
-    ) -> tuple[int, int] | None:
-        """2**order pages from ``zone`` (or a lower one): (vaddr, iova), or None.
+    def alloc_pages(self, zone: Zone, order: int, limit: int = U64_MAX) -> DmaRegion | None:
+        """2**order pages from ``zone`` (or a lower one) whose every byte is at most
+        ``limit``, or None (the kernel's NULL from alloc_pages: no room in the windows).
 
-        None means the zone has no free block and either ``may_map`` is false or no new
-        memory could be mapped there (the kernel's NULL from alloc_pages).  Memory the
-        machine does not have raises MemoryShortError, and memory past RLIMIT_MEMLOCK
-        UvdmaOSError (ENOMEM), before anything is touched.
+        Memory the machine does not have raises MemoryShortError, and memory past
+        RLIMIT_MEMLOCK UvdmaOSError (ENOMEM), before anything is touched.
         """
         size = PAGE_SIZE << order
         if self.closed:
             raise ClosedError("the DMA page allocator of this IOMMU domain is closed")
+        windows = zone_windows(zone, limit)
         if size > CHUNK:
-            if not may_map:
-                return None
             try:
-                region = self._map(size, zone)
+                region = self._map(size, zone, windows)
             except IovaExhaustedError:
                 return None
             with self._lock:
                 self._big[region.memory.vaddr] = region
-            return region.memory.vaddr, region.mapping.iova
-        pool = self._pools[zone]
+            return DmaRegion(region.memory.vaddr, region.mapping.iova, size)
+        pool = self._pool(zone, limit)
         got = pool.dma_alloc(size)
-        if got is not None or not may_map:
-            return got
+        if got is not None:
+            return DmaRegion(got[0], got[1], size)
         with self._lock:  # one mapper at a time; others may have grown it meanwhile
             got = pool.dma_alloc(size)
-            if got is not None:
-                return got
-            try:
-                region = self._map(CHUNK, zone)
-            except IovaExhaustedError:
-                return None
-            self._regions.append(region)
-            pool.add_virt(region.memory.vaddr, region.mapping.iova, region.mapping.size)
-        return pool.dma_alloc(size)
+            if got is None:
+                try:
+                    region = self._map(CHUNK, zone, windows)
+                except IovaExhaustedError:
+                    return None
+                self._regions.append(region)
+                pool.add_virt(region.memory.vaddr, region.mapping.iova, region.mapping.size)
+        if got is None:
+            got = pool.dma_alloc(size)
+        return None if got is None else DmaRegion(got[0], got[1], size)
 
     def free_pages(self, vaddr: int, order: int) -> None:
         """Give back what :meth:`alloc_pages` returned."""
@@ -133,10 +157,9 @@ class PageAllocator:
         with self._lock:
             region = self._big.pop(vaddr, None)
         if region is not None:
-            self.domain.unmap(region.mapping)
-            region.memory.close()
+            region.release(self.domain)
             return
-        for pool in self._pools.values():
+        for pool in list(self._pools.values()):
             if pool.has_addr(vaddr, size):
                 pool.free(vaddr, size)
                 return
@@ -151,7 +174,7 @@ class PageAllocator:
         return out
 
     def close(self) -> None:
-        """Unmap and free every region. Idempotent."""
+        """Unmap every region from the IOMMU, then free its memory. Idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -160,8 +183,4 @@ class PageAllocator:
             self._big.clear()
             self._regions.clear()
         for r in regions:
-            if not self.domain.closed:
-                self.domain.unmap(r.mapping)
-            else:
-                r.memory.mapped_by.clear()
-            r.memory.close()
+            r.release(self.domain)

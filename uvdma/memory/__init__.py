@@ -1,13 +1,13 @@
-"""DMA memory: hugepage-backed mappings and the IOVA space they are placed in."""
+"""Host memory for DMA: hugepage-backed mappings and their physical addresses.
+
+This layer knows nothing of IOMMUs or zones: the IOVA space is :mod:`uvdma.vfio.iova`,
+the zones are :mod:`uvdma.dma.zones`.
+"""
 
 from uvdma.memory.hugepages import HugeMemory, allocate, hugepage_pools, physical_address
-from uvdma.memory.iova import IovaExhaustedError, IovaSpace, Zone
 
 __all__ = [
     "HugeMemory",
-    "IovaExhaustedError",
-    "IovaSpace",
-    "Zone",
     "allocate",
     "hugepage_pools",
     "physical_address",

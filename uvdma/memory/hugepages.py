@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uvdma import _sys
-from uvdma.errors import UvdmaError, UvdmaOSError
+from uvdma._args import memparse
+from uvdma.errors import HugepagesUnavailableError, MemoryShortError, UvdmaError, UvdmaOSError
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -39,14 +40,6 @@ _warned: set[str] = set()  # one-time warnings already given
 
 PROCFS = Path("/proc")
 CAP_IPC_LOCK = 14  # include/uapi/linux/capability.h
-
-
-class HugepagesUnavailableError(UvdmaError):
-    """No hugepages of the size asked for, and no fallback allowed."""
-
-
-class MemoryShortError(UvdmaError, MemoryError):
-    """The machine does not have the memory asked for; nothing was allocated."""
 
 
 @dataclass(frozen=True)
@@ -261,8 +254,8 @@ def _hugetlbfs_mount(page_size: int) -> Path | None:
 
 
 def _parse_pagesize(text: str) -> int:
-    units = {"K": KiB, "M": MiB, "G": GiB}
-    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
+    """hugetlbfs's ``pagesize=`` mount option, which the kernel reads with memparse."""
+    return memparse(text).value
 
 
 def _default_hugepage_size() -> int:
@@ -278,8 +271,9 @@ def _default_hugepage_size() -> int:
 class HugeMemory:
     """One mapping of DMA memory: ``vaddr``, ``size``, ``page_size``; ``close()`` unmaps.
 
-    Usable as a context manager; ``close()`` is idempotent.  The IOMMU mapping of this
-    memory must be undone before it is closed (the domain refuses otherwise).
+    Usable as a context manager; ``close()`` is idempotent.  Whoever maps this memory into
+    an IOMMU unmaps it before closing it (uvdma's DMA domain does; this layer knows nothing
+    of IOMMUs).
     """
 
     def __init__(self, vaddr: int, size: int, page_size: int, fd: int, source: str) -> None:
@@ -289,17 +283,11 @@ class HugeMemory:
         self.source = source
         self._fd = fd
         self._closed = False
-        self.mapped_by: set[object] = set()  # IOMMU mappings that still point here
 
     def close(self) -> None:
-        """munmap and close; refuses while an IOMMU mapping still points here."""
+        """munmap and close the memfd."""
         if self._closed:
             return
-        if self.mapped_by:
-            raise UvdmaError(
-                f"memory at {self.vaddr:#x} is still mapped for DMA: unmap it from the "
-                "IOMMU before freeing it (the device could still write there)"
-            )
         k = _sys.kernel()
         k.munmap(self.vaddr, self.size)
         k.close(self._fd)

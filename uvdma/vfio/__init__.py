@@ -5,6 +5,7 @@
 ...     print(hex(dev.bar(0).read64(0)))               # NVMe CAP
 """
 
+from uvdma.errors import DmaMapError, GroupNotViableError
 from uvdma.vfio.device import (
     Bar,
     IrqInfo,
@@ -14,9 +15,9 @@ from uvdma.vfio.device import (
     new_domain,
     open_device,
 )
-from uvdma.vfio.domain import DmaMapError, DmaMapping, IommuDomain
+from uvdma.vfio.domain import DmaMapping, IommuDomain
 from uvdma.vfio.iommufd import IommufdDomain
-from uvdma.vfio.type1 import GroupNotViableError, Type1Container, VfioGroup
+from uvdma.vfio.type1 import Type1Container, VfioGroup
 
 __all__ = [
     "Bar",

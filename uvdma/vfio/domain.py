@@ -1,9 +1,14 @@
 """An IOMMU domain: the IOVA space a set of devices shares, and the mappings in it.
 
-Two backends implement it: the type1 container (:mod:`uvdma.vfio.type1`) and an iommufd
+Backends implement it: the type1 container (:mod:`uvdma.vfio.type1`) and an iommufd
 IOAS (:mod:`uvdma.vfio.iommufd`).  Bookkeeping common to both lives here: overlap and
 never-mapped checks before the kernel is asked (so the error names the mapping in the
-way), the IOVA allocator, and teardown (every mapping is unmapped before close).
+way), the IOVA allocator (:class:`~uvdma.vfio.iova.IovaSpace`: an IOVA is chosen inside
+windows [lo, hi] the caller names), and teardown (every mapping is unmapped before close).
+
+A domain maps, unmaps and translates; it knows nothing of zones, GFP flags, pools or who
+mapped what.  Whoever maps memory unmaps it before freeing it (in uvdma that is
+:class:`uvdma.dma.DmaDomain`, which also writes the teardown order down).
 
 A domain knows the devices opened in it: :meth:`IommuDomain.close` refuses while any of them
 is still open (close the devices first; a device that made its own domain closes it).  After
@@ -16,17 +21,15 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from uvdma.errors import ClosedError, DeviceReleasedError, DomainInUseError, UvdmaError
+from uvdma.errors import ClosedError, DeviceReleasedError, DmaMapError, DomainInUseError
 from uvdma.memory.hugepages import HugeMemory
-from uvdma.memory.iova import IovaSpace, Zone
+from uvdma.vfio.iova import ANYWHERE, IovaSpace
 
-
-class DmaMapError(UvdmaError):
-    """A DMA map or unmap was refused; the domain is unchanged."""
+__all__ = ["DmaMapError", "DmaMapping", "DomainUser", "IommuDomain"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,6 @@ class DmaMapping:
     size: int
     read: bool = True
     write: bool = True
-    owner: object = field(default=None, compare=False, repr=False)
 
     @property
     def last(self) -> int:
@@ -63,9 +65,7 @@ class IommuDomain:
         self._maps: dict[int, DmaMapping] = {}
         self._starts: list[int] = []
         self._iova: IovaSpace | None = None
-        self._close_hooks: list[Callable[[], None]] = []
         self._last_hit: DmaMapping | None = None
-        self.extensions: dict[str, object] = {}  # per-domain state of higher layers (the DMA API)
         self.closed = False
         self._users: list[DomainUser] = []  # the devices opened in this domain
         # type1: the kernel dropped this domain's IOMMU mappings (its last group left the
@@ -95,10 +95,6 @@ class IommuDomain:
                 "(uvdma unbind, hot-unplug) and uvdma gave it up; open the device again in a "
                 "new domain"
             )
-
-    def add_close_hook(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` first when the domain closes (last added, first run)."""
-        self._close_hooks.append(fn)
 
     # -- what a backend supplies ----------------------------------------------------------
     def iova_ranges(self) -> list[tuple[int, int]]:
@@ -147,12 +143,11 @@ class IommuDomain:
         *,
         read: bool = True,
         write: bool = True,
-        zone: Zone = Zone.NORMAL,
         align: int | None = None,
-        limit: int = (1 << 64) - 1,
-        owner: object = None,
+        windows: Sequence[tuple[int, int]] = ANYWHERE,
     ) -> DmaMapping:
-        """Map ``size`` bytes at ``vaddr`` for DMA; at ``iova``, or at one chosen in ``zone``.
+        """Map ``size`` bytes at ``vaddr`` for DMA; at ``iova``, or at one chosen inside the
+        first of ``windows`` (each [lo, hi], inclusive) that has room, aligned to ``align``.
 
         Raises :class:`DmaMapError` for a range that overlaps an existing mapping or is
         misaligned, and the kernel's error (naming the fix) when it refuses.
@@ -166,7 +161,7 @@ class IommuDomain:
                 f"multiples of the IOMMU page size {page:#x}"
             )
         if iova is None:
-            chosen = self.iova.alloc(size, max(align or page, page), zone, limit)
+            chosen = self.iova.alloc(size, max(align or page, page), windows)
         else:
             with self._lock:
                 clash = self._overlapping(iova, size)
@@ -177,7 +172,7 @@ class IommuDomain:
                 )
             self.iova.reserve(iova, size)
             chosen = iova
-        m = DmaMapping(chosen, vaddr, size, read, write, owner)
+        m = DmaMapping(chosen, vaddr, size, read, write)
         try:
             self._kernel_map(m)
         except BaseException:
@@ -186,17 +181,20 @@ class IommuDomain:
         with self._lock:
             self._maps[chosen] = m
             bisect.insort(self._starts, chosen)
-        if isinstance(owner, HugeMemory):
-            owner.mapped_by.add(m)  # the memory now refuses to be freed until unmapped
         return m
 
     def map_memory(
-        self, mem: HugeMemory, *, zone: Zone = Zone.NORMAL, read: bool = True, write: bool = True
+        self,
+        mem: HugeMemory,
+        *,
+        windows: Sequence[tuple[int, int]] = ANYWHERE,
+        read: bool = True,
+        write: bool = True,
     ) -> DmaMapping:
-        """Map a whole :class:`HugeMemory` at an IOVA in ``zone``, aligned to its page size
-        (so the IOMMU can use large pages); ``mem`` cannot be closed until it is unmapped."""
+        """Map a whole :class:`HugeMemory` at an IOVA inside ``windows``, aligned to its page
+        size (so the IOMMU can use large pages).  Unmap it before closing ``mem``."""
         return self.map(
-            mem.vaddr, mem.size, read=read, write=write, zone=zone, align=mem.page_size, owner=mem
+            mem.vaddr, mem.size, read=read, write=write, align=mem.page_size, windows=windows
         )
 
     def unmap(self, mapping: DmaMapping) -> None:
@@ -217,8 +215,6 @@ class IommuDomain:
             if self._last_hit is mapping:
                 self._last_hit = None  # it holds the caller's buffer alive
         self.iova.free(mapping.iova, mapping.size)
-        if isinstance(mapping.owner, HugeMemory):
-            mapping.owner.mapped_by.discard(mapping)
 
     def mappings(self) -> list[DmaMapping]:
         """The live mappings, by IOVA."""
@@ -261,14 +257,10 @@ class IommuDomain:
                 f"closing {self!r}: {names} still use it; close them first (a domain is "
                 "closed after its devices). Nothing was changed"
             )
-        try:
-            while self._close_hooks:
-                self._close_hooks.pop()()
-        finally:
-            for m in reversed(self.mappings()):
-                self.unmap(m)
-            self._kernel_close()
-            self.closed = True
+        for m in reversed(self.mappings()):
+            self.unmap(m)
+        self._kernel_close()
+        self.closed = True
 
     def __repr__(self) -> str:
         return f"IommuDomain({self.backend}, {len(self._maps)} mappings)"

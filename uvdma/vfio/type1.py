@@ -18,7 +18,7 @@ from pathlib import Path
 from uvdma import _sys, pci
 from uvdma._uapi import vfio as V  # noqa: N812
 from uvdma._uapi import walk_caps
-from uvdma.errors import UvdmaError, UvdmaOSError
+from uvdma.errors import GroupNotViableError, UvdmaError, UvdmaOSError
 from uvdma.memory.hugepages import memlock_fix
 from uvdma.vfio import _ioctl
 from uvdma.vfio.domain import DmaMapping, IommuDomain
@@ -32,10 +32,6 @@ TYPE1_DMA_ENTRY_LIMIT = 65535  # vfio_iommu_type1's dma_entry_limit module param
 _open_groups: dict[int, VfioGroup] = {}
 _open_groups_lock = threading.Lock()
 os.register_at_fork(after_in_child=_open_groups.clear)
-
-
-class GroupNotViableError(UvdmaError):
-    """A device in the group is bound to a driver other than vfio-pci."""
 
 
 @dataclass(frozen=True)

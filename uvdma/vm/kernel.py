@@ -36,7 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, TextIO
 
-from uvdma.errors import VmError
+from uvdma.errors import KernelBuildError
 from uvdma.vm._signals import interrupts_deferred, signals_as_interrupts
 
 
@@ -74,10 +74,6 @@ PROGRESS_EVERY = 60.0
 _APT_WAIT = ("-o", "DPkg::Lock::Timeout=600")
 _STEP_RE = re.compile(rb"^\s+(CC|AS|LD|AR|HOSTCC|HOSTLD|GEN|OBJCOPY|VDSO|RELOCS)\b")
 _FRAGMENT_LINE_RE = re.compile(r"^(?:(CONFIG_\w+)=(.*)|# (CONFIG_\w+) is not set)$")
-
-
-class KernelBuildError(VmError):
-    """A step of building the guest kernel failed; the message names it and the fix."""
 
 
 def fragment_text() -> str:

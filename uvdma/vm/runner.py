@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from uvdma import _args
 from uvdma._args import int_arg
-from uvdma.errors import VmError, VmTimeoutError
+from uvdma.errors import SizeError, VmError, VmTimeoutError
 from uvdma.vm._signals import interrupts_deferred, signals_as_interrupts
 from uvdma.vm.kernel import BUILD_MINUTES, ensure_built
 
@@ -60,8 +61,6 @@ MAX_NVME_SIZE = 1 << 40  # sparse files; the guest's writes fill them
 MAX_IOPS = 1_000_000_000_000_000
 _RUN_DIR_PREFIX = "uvdma-vm-"
 _OWNER_LOCK = "owner.lock"
-_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: How the guest mounts the host's root when its kernel mounts it (a kernel without
 #: modules boots without an initramfs; with one, virtme-ng's init mounts it and ignores
@@ -73,11 +72,12 @@ ROOT_FLAGS = "version=9p2000.L,trans=virtio,access=any,msize=512000,cache=loose"
 
 
 def parse_size(text: str) -> int:
-    """Parse a size such as ``64M`` or ``2G`` (binary units) into bytes."""
-    m = _SIZE_RE.match(text.strip())
-    if not m or len(m.group(1)) > 30:
-        raise VmError(f"cannot read the size {text!r}: write a number with K, M, G or T, e.g. 64M")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+    """A size such as ``64M`` or ``2G`` (binary units), read as the kernel's memparse reads
+    it (:func:`uvdma._args.parse_size`), as :class:`VmError`."""
+    try:
+        return _args.parse_size(text.strip(), "a VM size", "64M")
+    except SizeError as e:
+        raise VmError(str(e)) from None
 
 
 def _mib(size: int) -> str:

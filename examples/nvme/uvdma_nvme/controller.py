@@ -36,7 +36,7 @@ from uvdma_nvme.errors import (
     ControllerResetError,
     NvmeError,
 )
-from uvdma_nvme.queue import DONE, FAILED, INFLIGHT, QueuePair, Request, _integer, _Transfer
+from uvdma_nvme.queue import DONE, FAILED, INFLIGHT, LOST, QueuePair, Request, _integer, _Transfer
 from uvdma_nvme.spec import (
     ALL_ONES,
     AQA,
@@ -115,6 +115,7 @@ class Controller:
         self._closed = False
         self._resets = 0
         self._resetting = False
+        self._worker: str | None = None  # in a worker process: which (see become_worker)
         self._transfers: set[_Transfer] = set()
         self._quarantine: list[_Transfer] = []
         self.io_queues: list[QueuePair] = []
@@ -188,6 +189,45 @@ class Controller:
     def _check_usable(self) -> None:
         if self._failed is not None:
             raise self._unusable()
+
+    # -- worker processes (uvdma_nvme.jobs) ----------------------------------------------------
+    def become_worker(self, name: str, queues: Sequence[QueuePair]) -> None:
+        """In a child forked after bring-up: this process now drives ``queues`` and nothing
+        else.  The parent keeps the admin queue, the DMA allocators and the controller's
+        life: here admin commands, resets and DMA allocation are refused (an IOVA chosen
+        here would collide with the parent's), an I/O timeout raises without recovery
+        (the command stays outstanding; only the parent can abort or reset), and close()
+        only forgets the device (the parent closes it).  See :mod:`uvdma_nvme.jobs`."""
+        self._worker = name
+        for q in self._all_queues():
+            q._given = q not in queues
+            q._owner = "the parent process" if q._given else name
+            if q._given:
+                q._stop()
+
+    def hand_over(self, queues: Sequence[QueuePair], name: str) -> None:
+        """In the parent: ``queues`` now belong to worker ``name``; using them here is an
+        error (their state moves on in the worker's copy)."""
+        for q in queues:
+            with q._lock:
+                q._given = True
+                q._owner = name
+                q._stop()
+
+    def _check_admin_owner(self) -> None:
+        if self._worker is not None:
+            raise NvmeError(
+                f"{self._worker}: admin commands are the parent process's (it owns the admin "
+                "queue); a worker only does I/O on its own queues"
+            )
+
+    def _check_may_allocate(self, what: str) -> None:
+        if self._worker is not None:
+            raise NvmeError(
+                f"{self._worker}: {what} cannot be allocated in a worker process (its IOVA "
+                "would collide with the parent's); allocate before forking "
+                "(QueuePair.reserve_prp_lists, DmaBuffers)"
+            )
 
     def _check_health(self) -> None:
         """One register read: CSTS.CFS starts a reset, all-ones marks the controller gone
@@ -315,6 +355,7 @@ class Controller:
             )
         with self._lock:
             self._check_usable()
+            self._check_admin_owner()
             left = self.queues_granted - len(self.io_queues)
             if count > left:
                 raise NvmeError(
@@ -349,6 +390,16 @@ class Controller:
             if req.state != INFLIGHT:
                 return  # completed meanwhile (the kernel's "completion polled")
             self._check_usable()
+            if self._worker is not None:
+                # the admin queue is the parent's: no abort, no reset from here.  The command
+                # stays in flight (its slot and memory kept) until the parent closes.
+                req.state = LOST
+                req.error = CommandTimeoutError(
+                    f"{what}; in {self._worker}, which cannot abort or reset (the parent "
+                    "owns the admin queue): the command stays outstanding and its memory "
+                    "is kept until it completes or the parent closes the controller"
+                )
+                return
             if self._resetting:  # a command of the reset itself: the reset fails
                 req.state = FAILED
                 req.error = CommandTimeoutError(f"{what}, during a reset")
@@ -390,6 +441,7 @@ class Controller:
         marked gone and its commands say so."""
         with self._quiesced():
             self._check_usable()
+            self._check_admin_owner()
             if self._resetting:  # a fault while bringing it back: the reset fails
                 raise NvmeError(f"{reason}, during a reset of controller {self.address}")
             self._resetting = True
@@ -468,6 +520,7 @@ class Controller:
         device may reach it (close() can then release it whatever the caller does)."""
         with self._lock, self._closing_as_closed():
             self._check_usable()
+            self._check_may_allocate("a streaming DMA mapping (read()/write() of a plain buffer)")
             t = _Transfer(dma_map_single(self.dma, buf, direction), size, direction)
             self._transfers.add(t)
             return t
@@ -517,6 +570,12 @@ class Controller:
             if self._closed:
                 return
             self._closed = True
+            if self._worker is not None:
+                # the parent owns the device and every allocation: touch neither
+                self._failed = why
+                for q in self._all_queues():
+                    q._stop()
+                return
             try:
                 if self._failed is None:
                     self._shutdown()
@@ -592,6 +651,7 @@ class Controller:
         self, opcode: int, nsid: int, cdw: Sequence[int], what: str, size: int = PAGE
     ) -> bytes:
         self._check_usable()
+        self._check_admin_owner()
         with self._closing_as_closed(), DmaBuffer(self.dma, size) as buf:
             self.admin.run(opcode, nsid, buf.dma, 0, cdw, what)
             return bytes(buf.cpu)

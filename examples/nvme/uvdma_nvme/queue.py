@@ -33,12 +33,18 @@ from uvdma.dma.gfp import DmaDataDirection
 from uvdma.errors import UvdmaError
 from uvdma_nvme.errors import CommandError, NvmeError
 from uvdma_nvme.prp import PRP_ENTRIES, fill_prp_lists, plan_prps, prp_list_pages_needed
-from uvdma_nvme.spec import DOORBELLS, SQE_FORMAT, IoOpcode
+from uvdma_nvme.spec import DOORBELLS, PAGE, SQE_FORMAT, IoOpcode
 
 if TYPE_CHECKING:
     from uvdma_nvme.controller import Controller, Namespace
 
 _SQE = struct.Struct(SQE_FORMAT)
+# A Read or Write SQE (NVM 1.0, 3.2.4 and 3.2.6): CDW0 (opcode, CID), NSID, CDW2-3 and MPTR
+# zero, PRP1, PRP2, CDW10-11 (SLBA, one little-endian qword), CDW12 (NLB, 0's based),
+# CDW13-15 zero.  The pad bytes
+# are written as zeros, so one call writes the whole 64-byte slot.
+_RW_SQE = struct.Struct("<II16xQQQI12x")
+_PAGE_MASK = PAGE - 1
 
 
 class QueueMemory(NamedTuple):
@@ -55,6 +61,7 @@ def _region(dev: DmaDevice, size: int) -> QueueMemory:
 
 
 FREE, INFLIGHT, DONE, FAILED = 0, 1, 2, 3
+LOST = -1  # timed out in a worker process, which cannot recover it: kept until it completes
 
 
 class Request:
@@ -65,13 +72,15 @@ class Request:
     :meth:`QueuePair.complete` (or :meth:`QueuePair.wait` and :meth:`QueuePair.release`).
     """
 
-    __slots__ = ("cid", "dw0", "error", "lists", "qid", "state", "status", "what")
+    __slots__ = ("cid", "dw0", "error", "lists", "qid", "rw", "state", "status", "tag", "what")
 
     def __init__(self, qid: int, cid: int) -> None:
         self.qid, self.cid = qid, cid
+        self.tag = cid << 16  # CDW0's CID field (NVMe 2.0, Figure 87)
         self.state = FREE
         self.status = 0
         self.dw0 = 0
+        self.rw = False  # a Read or Write: its CQE's DW0 means nothing and is not read
         self.what = ""
         self.error: NvmeError | None = None
         self.lists: list[tuple[npt.NDArray[np.uint64], int, int]] = []  # (view, dma, vaddr)
@@ -82,7 +91,7 @@ class Request:
         return self.state >= DONE
 
     def __repr__(self) -> str:
-        state = ("free", "in flight", "done", "failed")[self.state]
+        state = ("free", "in flight", "done", "failed", "lost")[self.state]
         return f"Request({self.what or '-'}, cid {self.cid} on queue {self.qid}, {state})"
 
 
@@ -102,6 +111,12 @@ class QueuePair:
 
     Safe to share between threads: submission and reaping take the queue's lock, and each
     thread waits for its own requests.  Threads with a queue each do not contend.
+
+    The hot path, per I/O: :meth:`io` (or :meth:`io_batch` for many with one doorbell
+    write), :meth:`reap` (the requests it completed), :meth:`complete` or
+    :meth:`release_all`.  Every check stays on it, made cheap: integers, the namespace's LBA
+    range, MDTS, the DMA range mapped in the IOMMU domain (cached per mapping and
+    re-checked after any unmap), a full queue, a controller that cannot be used.
     """
 
     def __init__(self, ctrl: Controller, qid: int, depth: int, vector: int | None) -> None:
@@ -118,14 +133,27 @@ class QueuePair:
         self._cq_doorbell = ctrl.bar.reg32(DOORBELLS + (2 * qid + 1) * stride)
         self._sq_mem = memoryview((ctypes.c_char * self.sq.size).from_address(self.sq.cpu_addr))
         self._sq_mem = self._sq_mem.cast("B")
-        # the CQ as 32-bit words: CQE DW0..DW3 (spec.CQE), DW3 read alone on the hot path
-        self._cqe = (ctypes.c_uint32 * (4 * depth)).from_address(self.cq.cpu_addr)
+        # the CQ as 32-bit words: CQE DW0..DW3 (spec.CQE); DW3 alone on the hot path
+        cq_bytes = memoryview((ctypes.c_char * self.cq.size).from_address(self.cq.cpu_addr))
+        self._cqe = cq_bytes.cast("B").cast("I")
         # the admin queue's lock is re-entrant: a reset runs admin commands while it holds
         # every queue's lock
         self._lock: Any = threading.RLock() if qid == 0 else threading.Lock()
+        self._acquire, self._release = self._lock.acquire, self._lock.release
         self._requests = [Request(qid, cid) for cid in range(depth - 1)]  # a full queue
         self._free = list(range(depth - 2, -1, -1))  # keeps one slot empty (NVMe 2.0, 3.3.1.5)
         self._freed = False
+        self._owner = "this process"  # or the worker process the queue was handed to
+        self._given = False  # handed to a worker process (the parent keeps its hands off)
+        # One flag for "refuse everything": memory freed, handed to another process, or the
+        # controller failed or closed (set under this queue's lock: see _retire, _stop).
+        self._blocked = False
+        self._max_transfer = ctrl.max_transfer  # MDTS, known before any I/O queue exists
+        # the IOMMU mapping the last I/O's memory was in: [lo, end) under the domain's
+        # unmap count (an unmap anywhere makes the next I/O look again)
+        self._domain: Any = ctrl.vfio.domain
+        self._map_lo = self._map_end = 0
+        self._map_gen = -1
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -141,26 +169,43 @@ class QueuePair:
         return len(self._requests) - len(self._free)
 
     def _check(self) -> None:
-        if self._freed or self.ctrl._failed is not None:
-            raise self.ctrl._unusable()
+        if self._blocked:
+            raise self._unusable()
+
+    def _stop(self) -> None:
+        """Refuse every use from now on (the caller holds the lock, or owns the queue)."""
+        self._blocked = True
+
+    def _unusable(self) -> NvmeError:
+        if self._given and not self._freed and self.ctrl._failed is None:
+            return NvmeError(
+                f"queue {self.qid} was handed to {self._owner}: only that process uses it"
+            )
+        return self.ctrl._unusable()
+
+    def _full(self, what: str, want: int = 1) -> NvmeError:
+        return NvmeError(
+            f"{what}: queue {self.qid} is full ({self.outstanding} of {len(self._requests)} "
+            f"commands outstanding or not yet collected, {want} more asked): collect some "
+            "with complete() or release_all() first"
+        )
 
     # -- submission ------------------------------------------------------------------------
     def _take(self, what: str) -> Request:
         with self._lock:
             self._check()
             if not self._free:
-                raise NvmeError(
-                    f"{what}: queue {self.qid} is full ({len(self._requests)} commands "
-                    "outstanding or not yet collected with complete())"
-                )
+                raise self._full(what)
             req = self._requests[self._free.pop()]
             req.what = what
             req.error = None
+            req.rw = False
             return req
 
     def _give_back(self, req: Request) -> None:
         with self._lock:
             req.state = FREE
+            req.error = None
             self._free.append(req.cid)
 
     def _post(
@@ -218,38 +263,56 @@ class QueuePair:
         what: str = "",
     ) -> Request:
         """Submit one command with the given CDW10..15; collect it with :meth:`complete`."""
+        if self.qid == 0:
+            self.ctrl._check_admin_owner()
         c = (*cdw, 0, 0, 0, 0, 0, 0)
         req = self._take(what or f"opcode {opcode:#x}")
         self._post(req, opcode, nsid, prp1, prp2, c[0], c[1], c[2], c[3], c[4], c[5])
         return req
 
     # -- completion ------------------------------------------------------------------------
-    def reap(self) -> int:
-        """Consume every posted CQE (phase tag, NVMe 2.0, 4.6); returns how many."""
-        with self._lock:
-            self._check()
-            n = 0
+    def reap(self) -> list[Request]:
+        """Consume every posted CQE (phase tag, NVMe 2.0, 4.6); returns the requests this
+        call completed (empty when none).  They stay the caller's until collected with
+        :meth:`complete`, :meth:`release` or :meth:`release_all`; threads sharing a queue
+        each collect their own (see :meth:`wait`)."""
+        self._acquire()
+        try:
+            if self._blocked:
+                raise self._unusable()
             cqe = self._cqe
-            requests = self._requests
             head, phase = self._cq_head, self._phase
-            while True:
-                base = head * 4
-                dw3 = cqe[base + 3]
-                if (dw3 >> 16) & 1 != phase:
-                    break
+            dw3 = cqe[(head << 2) + 3]
+            if (dw3 >> 16) & 1 != phase:
+                return []  # nothing new: the common answer of a poll
+            requests = self._requests
+            nreq = len(requests)
+            depth = self.depth
+            admin = self.qid == 0
+            done: list[Request] = []
+            while (dw3 >> 16) & 1 == phase:
                 cid = dw3 & 0xFFFF
-                if cid < len(requests):
+                if cid < nreq:
                     req = requests[cid]
                     if req.state == INFLIGHT:
-                        req.status, req.dw0, req.state = dw3 >> 17, cqe[base], DONE
+                        req.status = dw3 >> 17
+                        if admin or not req.rw:  # a Read's or Write's DW0 means nothing
+                            req.dw0 = cqe[head << 2]
+                        req.state = DONE
+                        done.append(req)
+                    elif req.state == LOST:  # its caller was told; the device is done now
+                        req.state = FREE
+                        req.error = None
+                        self._free.append(cid)
                 head += 1
-                if head == self.depth:
+                if head == depth:
                     head, phase = 0, phase ^ 1
-                n += 1
-            if n:
-                self._cq_head, self._phase = head, phase
-                self._cq_doorbell.value = head
-            return n
+                dw3 = cqe[(head << 2) + 3]
+            self._cq_head, self._phase = head, phase
+            self._cq_doorbell.value = head
+            return done
+        finally:
+            self._release()
 
     def wait(self, req: Request, timeout: float | None = None) -> int:
         """Until ``req`` is done (polling, or the MSI-X eventfd); its DW0.
@@ -260,6 +323,11 @@ class QueuePair:
         """
         if req.state == FREE:
             raise NvmeError(f"{req!r} is not in flight (already collected?)")
+        if req.state == INFLIGHT:
+            self._poll(req, timeout)
+        return self._result(req)
+
+    def _poll(self, req: Request, timeout: float | None) -> None:
         ctrl = self.ctrl
         timeout = ctrl.command_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -276,11 +344,17 @@ class QueuePair:
             if self.vector is not None and ctrl.interrupts:
                 with contextlib.suppress(TimeoutError):  # re-check the queue either way
                     ctrl.vfio.wait_irq(self.vector, min(left, 0.1))
+
+    def result(self, req: Request) -> int:
+        """A finished request's DW0; its error (status, timeout, reset) raised.  For
+        requests :meth:`reap` returned, before :meth:`release_all` gives them back."""
+        if req.state == INFLIGHT or req.state == FREE:  # noqa: PLR1714
+            raise NvmeError(f"{req!r} has no result: it is not done")
         return self._result(req)
 
     def _result(self, req: Request) -> int:
-        if req.state == FAILED:
-            assert req.error is not None  # FAILED is always set with its error
+        if req.state == FAILED or req.state == LOST:  # noqa: PLR1714
+            assert req.error is not None  # FAILED and LOST are always set with their error
             raise req.error
         if req.status:
             sct, sc = (req.status >> 8) & 0x7, req.status & 0xFF
@@ -294,8 +368,31 @@ class QueuePair:
         elif req.state == INFLIGHT:
             raise NvmeError(f"{req!r}: the device may still use it; wait for it first")
 
+    def release_all(self, reqs: Sequence[Request]) -> None:
+        """Give the slots of finished requests back under one lock (what :meth:`reap`
+        returned, once their results were read).  A request still in flight, or one of
+        another queue, is refused and nothing is given back."""
+        with self._lock:
+            for req in reqs:
+                if req.state < DONE or req.qid != self.qid:
+                    raise NvmeError(
+                        f"release_all: {req!r} is not a finished request of queue {self.qid}: "
+                        "nothing was released"
+                    )
+            free = self._free
+            for req in reqs:
+                req.state = FREE
+                req.error = None
+                free.append(req.cid)
+
     def complete(self, req: Request, timeout: float | None = None) -> int:
         """Wait for ``req`` and give its slot back; its DW0 (raises as :meth:`wait`)."""
+        if req.state == DONE and not req.status and req.qid == self.qid:  # reaped, fine
+            self._acquire()
+            req.state = FREE
+            self._free.append(req.cid)
+            self._release()
+            return req.dw0
         try:
             return self.wait(req, timeout)
         finally:
@@ -318,6 +415,7 @@ class QueuePair:
     def _retire(self, error: NvmeError) -> None:
         """Fail every command in flight (the caller holds the lock and has made sure the
         device can no longer touch their memory)."""
+        self._blocked = True
         for req in self._requests:
             if req.state == INFLIGHT:
                 req.state = FAILED
@@ -326,46 +424,193 @@ class QueuePair:
     # -- I/O (NVM command set 1.0, 3.2) ----------------------------------------------------
     def _prp_lists(self, req: Request, count: int) -> list[tuple[npt.NDArray[np.uint64], int]]:
         while len(req.lists) < count:  # the request's own list pages, kept for reuse
+            self.ctrl._check_may_allocate("a PRP list page")
             vaddr, dma = self.ctrl.prp_pool.alloc()
             view = np.ctypeslib.as_array((ctypes.c_uint64 * PRP_ENTRIES).from_address(vaddr))
             req.lists.append((view, dma, vaddr))
         return [(view, dma) for view, dma, _ in req.lists[:count]]
 
-    def io(
-        self, opcode: int, ns: Namespace, lba: int, nblocks: int, dma: int, what: str
-    ) -> Request:
-        """Submit one read/write of ``nblocks`` LBAs at ``dma`` (memory the caller keeps
-        allocated until :meth:`complete` returns or raises)."""
-        lba, nblocks = _integer(lba, "LBA", what), _integer(nblocks, "block count", what)
+    def reserve_prp_lists(self, max_bytes: int) -> None:
+        """Give every request now the PRP list pages a transfer of up to ``max_bytes`` at
+        any alignment needs (else taken the first time one is needed): a worker process
+        may not allocate DMA memory, so :func:`uvdma_nvme.jobs.run_jobs` calls this first."""
+        pages = prp_list_pages_needed(plan_prps(PAGE - 4, max_bytes).pages)  # worst alignment
+        with self._lock:
+            self._check()
+            for req in self._requests:
+                self._prp_lists(req, pages)
+
+    def _prp2(self, req: Request, dma: int, length: int) -> int:
+        """PRP2 of a transfer that spans more than one page (NVMe 2.0, 4.1.1)."""
+        first = PAGE - (dma & _PAGE_MASK)
+        if length <= first + PAGE:
+            return (dma | _PAGE_MASK) + 1  # the second and last page
+        plan = plan_prps(dma, length)
+        return fill_prp_lists(plan, self._prp_lists(req, prp_list_pages_needed(plan.pages)))
+
+    def _not_io(self, ns: Namespace, lba: int, nblocks: int, what: str) -> NvmeError:
+        return NvmeError(
+            f"{what}: LBAs {lba}..{lba + nblocks - 1} are outside namespace {ns.nsid} "
+            f"(0..{ns.blocks - 1})"
+        )
+
+    def _check_io(
+        self, ns: Namespace, lba: Any, nblocks: Any, dma: int, what: str
+    ) -> tuple[int, int, int]:
+        """The checks of one read/write, before anything is taken: (lba, nblocks, bytes)."""
+        if lba.__class__ is not int or nblocks.__class__ is not int:
+            lba, nblocks = _integer(lba, "LBA", what), _integer(nblocks, "block count", what)
         if nblocks < 1 or lba < 0 or lba + nblocks > ns.blocks:
-            raise NvmeError(
-                f"{what}: LBAs {lba}..{lba + nblocks - 1} are outside namespace {ns.nsid} "
-                f"(0..{ns.blocks - 1})"
-            )
+            raise self._not_io(ns, lba, nblocks, what)
         length = nblocks * ns.lba_size
         if length > self.ctrl.max_transfer:
             raise NvmeError(
                 f"{what}: {length} bytes exceed the controller's MDTS "
                 f"({self.ctrl.max_transfer} bytes): split it (read()/write() do)"
             )
+        if dma < self._map_lo or dma + length > self._map_end or self._stale_map():
+            self._check_mapped(dma, length, what)
+        return lba, nblocks, length
+
+    def _stale_map(self) -> bool:
+        """Whether anything was unmapped since the cached mapping was found (only asked
+        when a mapping is cached, so the domain keeps an unmap count)."""
+        return bool(self._domain.unmaps != self._map_gen)
+
+    def _check_mapped(self, dma: int, length: int, what: str) -> None:
+        """``dma``..+``length`` must be mapped in the device's IOMMU domain; remember the
+        mapping it lies in, when the domain says which."""
         with self.ctrl._closing_as_closed():  # the controller may close under us
-            translate = self.ctrl.vfio.domain.translate
-            mapped = translate(dma) is not None and translate(dma + length - 1) is not None
-        if not mapped:
-            raise NvmeError(
-                f"{what}: DMA address {dma:#x}+{length:#x} is not mapped in the device's IOMMU "
-                "domain: the IOMMU would block the transfer (use dma_map_single or a DmaBuffer)"
-            )
-        plan = plan_prps(dma, length)
-        req = self._take(what)
+            domain = self.ctrl.vfio.domain
+            gen = _unmaps(domain)
+            m = _mapping_at(domain, dma)
+            if m is not None and gen is not None and dma + length - 1 <= m.last:
+                self._map_lo, self._map_end, self._map_gen = m.iova, m.iova + m.size, gen
+                return
+            translate = domain.translate
+            if translate(dma) is not None and translate(dma + length - 1) is not None:
+                return
+        raise NvmeError(
+            f"{what}: DMA address {dma:#x}+{length:#x} is not mapped in the device's IOMMU "
+            "domain: the IOMMU would block the transfer (use dma_map_single or a DmaBuffer)"
+        )
+
+    def io(
+        self, opcode: int, ns: Namespace, lba: int, nblocks: int, dma: int, what: str
+    ) -> Request:
+        """Submit one read/write of ``nblocks`` LBAs at ``dma`` (memory the caller keeps
+        allocated until :meth:`complete` returns or raises)."""
+        # _check_io's checks, spelled out: this is the hot path
+        if lba.__class__ is not int or nblocks.__class__ is not int:
+            lba, nblocks = _integer(lba, "LBA", what), _integer(nblocks, "block count", what)
+        if nblocks < 1 or lba < 0 or lba + nblocks > ns.blocks:
+            raise self._not_io(ns, lba, nblocks, what)
+        length = nblocks * ns.lba_size
+        if length > self._max_transfer:
+            self._check_io(ns, lba, nblocks, dma, what)  # raises, with the message
+        if (
+            dma < self._map_lo
+            or dma + length > self._map_end
+            or self._domain.unmaps != self._map_gen
+        ):
+            self._check_mapped(dma, length, what)
+        self._acquire()
         try:
-            lists = self._prp_lists(req, prp_list_pages_needed(plan.pages))
-            prp2 = fill_prp_lists(plan, lists)
-        except BaseException:
-            self._give_back(req)
-            raise
-        self._post(req, opcode, ns.nsid, dma, prp2, lba & 0xFFFFFFFF, lba >> 32, nblocks - 1)
-        return req
+            if self._blocked:
+                raise self._unusable()
+            free = self._free
+            if not free:
+                raise self._full(what)
+            req = self._requests[free.pop()]
+            req.what = what
+            if not req.rw:
+                req.rw = True
+                req.dw0 = 0
+            if length > PAGE - (dma & _PAGE_MASK):
+                try:
+                    prp2 = self._prp2(req, dma, length)
+                except BaseException:
+                    free.append(req.cid)
+                    raise
+            else:
+                prp2 = 0
+            tail = self._sq_tail
+            _RW_SQE.pack_into(
+                self._sq_mem, tail << 6, opcode | req.tag, ns.nsid, dma, prp2, lba, nblocks - 1
+            )
+            req.state = INFLIGHT
+            tail += 1
+            if tail == self.depth:
+                tail = 0
+            self._sq_tail = tail
+            self._sq_doorbell.value = tail
+            return req
+        finally:
+            self._release()
+
+    def io_batch(
+        self,
+        opcode: int,
+        ns: Namespace,
+        cmds: Sequence[tuple[int, int, int]],
+        what: str,
+    ) -> list[Request]:
+        """Submit one read/write per ``(lba, nblocks, dma)`` of ``cmds`` with one doorbell
+        write (NVMe 2.0, 4.2: the tail may move past many entries at once).  Every command
+        is checked as :meth:`io` checks it, and room for all of them, before any is taken:
+        a refusal submits nothing."""
+        checked: list[tuple[int, int, int, int]] = []
+        blocks, lba_size, mdts = ns.blocks, ns.lba_size, self._max_transfer
+        for lba_, nblocks_, dma in cmds:  # _check_io's checks, spelled out for speed
+            lba, nblocks = lba_, nblocks_
+            if (
+                lba.__class__ is not int
+                or nblocks.__class__ is not int
+                or nblocks < 1
+                or lba < 0
+                or lba + nblocks > blocks
+                or nblocks * lba_size > mdts
+                or dma < self._map_lo
+                or dma + nblocks * lba_size > self._map_end
+                or self._domain.unmaps != self._map_gen
+            ):
+                lba, nblocks, _length = self._check_io(ns, lba, nblocks, dma, what)
+            checked.append((lba, nblocks, nblocks * lba_size, dma))
+        nsid = ns.nsid
+        sq = self._sq_mem
+        pack = _RW_SQE.pack_into
+        out: list[Request] = []
+        with self._lock:
+            if self._blocked:
+                raise self._unusable()
+            free = self._free
+            if len(free) < len(checked):
+                raise self._full(what, len(checked))
+            tail = self._sq_tail
+            depth = self.depth
+            try:
+                for lba, nblocks, length, dma in checked:
+                    req = self._requests[free.pop()]
+                    out.append(req)
+                    req.what = what
+                    if not req.rw:
+                        req.rw = True
+                        req.dw0 = 0
+                    prp2 = self._prp2(req, dma, length) if length > PAGE - (dma & _PAGE_MASK) else 0
+                    pack(sq, tail << 6, opcode | req.tag, nsid, dma, prp2, lba, nblocks - 1)
+                    tail += 1
+                    if tail == depth:
+                        tail = 0
+            except BaseException:
+                # nothing was submitted: the entries past the device's tail are not its yet
+                for req in reversed(out):
+                    free.append(req.cid)
+                raise
+            for req in out:
+                req.state = INFLIGHT
+            self._sq_tail = tail
+            self._sq_doorbell.value = tail
+        return out
 
     def _transfer(self, opcode: int, ns: Namespace, lba: int, buf: Any, what: str) -> None:
         ctrl = self.ctrl
@@ -432,7 +677,7 @@ class QueuePair:
         KeyboardInterrupt meanwhile is kept for the caller to raise afterwards."""
         interrupted: BaseException | None = None
         for req in reqs:
-            while req.state != FREE:
+            while req.state != FREE and req.state != LOST:  # noqa: PLR1714
                 try:
                     self.complete(req)
                 except KeyboardInterrupt as e:
@@ -458,7 +703,7 @@ class QueuePair:
         """Give the queue memory back (the device can no longer touch it). Idempotent."""
         if self._freed:
             return
-        self._freed = True
+        self._freed = self._blocked = True
         for req in self._requests:
             for _view, dma, vaddr in req.lists:
                 self.ctrl.prp_pool.free(vaddr, dma)
@@ -480,3 +725,16 @@ def _integer(value: object, name: str, what: str) -> int:
         raise NvmeError(
             f"{what}: the {name} must be an integer, not {type(value).__name__} {value!r}"
         ) from None
+
+
+def _unmaps(domain: object) -> int | None:
+    """The domain's count of unmaps, where it keeps one (a cached "this range is mapped"
+    holds until the next unmap); None where it does not (then nothing is cached)."""
+    gen = getattr(domain, "unmaps", None)
+    return gen if isinstance(gen, int) else None
+
+
+def _mapping_at(domain: object, iova: int) -> Any:
+    """The live mapping holding ``iova``, where the domain can say (else None)."""
+    find = getattr(domain, "mapping_at", None)
+    return find(iova) if find is not None else None

@@ -1,73 +1,39 @@
-"""The IOVA space of one IOMMU domain, and its zones.
+"""The IOVA space of one IOMMU domain: free ranges, handed out within windows [lo, hi].
 
-The kernel gives each page a physical address and sorts memory into zones by it:
-ZONE_DMA below 16 MiB, ZONE_DMA32 below 4 GiB, the rest above.  With an IOMMU the
-address a device sees is the IOVA we choose, so the zones become windows of the IOVA
-space, each cut to the ranges the kernel reports as usable (type1's IOVA_RANGE
-capability, iommufd's IOAS_IOVA_RANGES) and with the x86 MSI window
-(0xFEE00000-0xFEEFFFFF) and page 0 always left out.
-
-An allocation asks for a zone and falls back to lower zones as the kernel's zonelists
-do (NORMAL, then DMA32, then DMA); it never falls back upwards, so an address from
-zone DMA32 always fits a 32-bit mask.
+The usable ranges are the ones the kernel reports (type1's IOVA_RANGE capability,
+iommufd's IOAS_IOVA_RANGES), with the x86 MSI window (0xFEE00000-0xFEEFFFFF) and page 0
+always left out.  An allocation names the windows it may use, in the order to try them
+(each [lo, hi], both ends inclusive), and gets the first fit in the first window that
+has room: every byte of the range lies inside that window.  What a window means (a zone,
+a device's mask) is the caller's business; this allocator knows nothing of zones.
 """
 
 from __future__ import annotations
 
 import bisect
-import enum
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
-from uvdma.errors import UvdmaError
+from uvdma.errors import IovaError, IovaExhaustedError
 
-MSI_WINDOW = (0xFEE0_0000, 0xFEEF_FFFF)  # x86: writes here are interrupts, not memory
-
-
-class Zone(enum.Enum):
-    """IOVA zones, named after the kernel's memory zones; the value is the window's end."""
-
-    DMA = 1 << 24
-    DMA32 = 1 << 32
-    NORMAL = 1 << 64
-
-    @property
-    def start(self) -> int:
-        """Where the zone's window starts."""
-        return {Zone.DMA: 0, Zone.DMA32: 1 << 24, Zone.NORMAL: 1 << 32}[self]
-
-    @classmethod
-    def for_mask(cls, mask: int) -> Zone:
-        """The zone dma-direct picks for a mask (``dma_direct_optimal_gfp_mask``)."""
-        if mask < (1 << 24) - 1:
-            raise IovaError(
-                f"DMA mask {mask:#x} is narrower than 24 bits: no zone can satisfy it; "
-                "the narrowest the kernel supports is DMA_BIT_MASK(24)"
-            )
-        if mask <= (1 << 24) - 1:
-            return cls.DMA
-        if mask <= (1 << 32) - 1:
-            return cls.DMA32
-        return cls.NORMAL
+U64_MAX = (1 << 64) - 1
 
 
-_FALLBACK = {
-    Zone.NORMAL: (Zone.NORMAL, Zone.DMA32, Zone.DMA),
-    Zone.DMA32: (Zone.DMA32, Zone.DMA),
-    Zone.DMA: (Zone.DMA,),
-}
+class IovaRange(NamedTuple):
+    """A range of IOVAs, both ends inclusive (as the kernel reports them)."""
+
+    start: int
+    last: int
 
 
-class IovaError(UvdmaError):
-    """An IOVA could not be given out or taken back."""
-
-
-class IovaExhaustedError(IovaError):
-    """No free, suitably aligned IOVA range of the size asked for in the zone."""
+MSI_WINDOW = IovaRange(0xFEE0_0000, 0xFEEF_FFFF)  # x86: writes here are interrupts, not memory
+#: The whole IOVA space as one window.
+ANYWHERE: tuple[IovaRange, ...] = (IovaRange(0, U64_MAX),)
 
 
 class IovaSpace:
-    """Free IOVA ranges of one domain; hands out aligned ranges by zone. Thread-safe.
+    """Free IOVA ranges of one domain; hands out aligned ranges within windows. Thread-safe.
 
     ``ranges`` are the usable ranges as (start, last) with ``last`` inclusive.
     """
@@ -89,42 +55,38 @@ class IovaSpace:
         self._free = free
         self._starts = [s for s, _ in free]
         self._used: dict[int, int] = {}
-        self.ranges = [(s, e - 1) for s, e in free]
+        self.ranges = [IovaRange(s, e - 1) for s, e in free]
 
     def alloc(
-        self, size: int, align: int = 4096, zone: Zone = Zone.NORMAL, limit: int = (1 << 64) - 1
+        self, size: int, align: int = 4096, windows: Sequence[tuple[int, int]] = ANYWHERE
     ) -> int:
-        """An IOVA for ``size`` bytes aligned to ``align``, in ``zone`` or a lower one.
-
-        Every byte of the range is at most ``limit`` (a DMA mask): ``iova + size - 1 <= limit``.
-        """
+        """An IOVA for ``size`` bytes aligned to ``align``, wholly inside the first of
+        ``windows`` that has room (each window [lo, hi], inclusive)."""
         if size <= 0 or align <= 0 or align & (align - 1):
             raise IovaError(f"bad IOVA request: size {size}, alignment {align} (power of two)")
         with self._lock:
-            for z in _FALLBACK[zone]:
-                iova = self._first_fit(size, align, z.start, min(z.value, limit + 1))
+            for lo, hi in windows:
+                iova = self._first_fit(size, align, lo, hi + 1)
                 if iova is not None:
                     self._take(iova, size)
                     return iova
+            free = sum(self._free_in(lo, hi) for lo, hi in windows)
+        shown = ", ".join(f"[{lo:#x}, {hi:#x}]" for lo, hi in windows)
         raise IovaExhaustedError(
-            f"no free IOVA range of {size:#x} bytes aligned to {align:#x} at or below "
-            f"{limit:#x} in zone {zone.name} or below ({self.free_bytes(zone):#x} bytes free "
-            "there, fragmented or too small): unmap memory you no longer need, or allow a "
-            "wider DMA mask"
+            f"no free IOVA range of {size:#x} bytes aligned to {align:#x} in {shown} "
+            f"({free:#x} bytes free there, fragmented or too small): unmap memory you no "
+            "longer need, or allow a wider DMA mask"
         )
 
     def fits(
-        self, size: int, align: int = 4096, zone: Zone = Zone.NORMAL, limit: int = (1 << 64) - 1
+        self, size: int, align: int = 4096, windows: Sequence[tuple[int, int]] = ANYWHERE
     ) -> bool:
         """Whether :meth:`alloc` with these arguments would succeed now (taking nothing):
         the check to make before allocating memory that would have nowhere to go."""
         if size <= 0 or align <= 0 or align & (align - 1):
             return False
         with self._lock:
-            return any(
-                self._first_fit(size, align, z.start, min(z.value, limit + 1)) is not None
-                for z in _FALLBACK[zone]
-            )
+            return any(self._first_fit(size, align, lo, hi + 1) is not None for lo, hi in windows)
 
     def reserve(self, iova: int, size: int) -> None:
         """Take exactly [iova, iova + size), which must be free."""
@@ -149,19 +111,22 @@ class IovaSpace:
             self._free = _merge(self._free, iova, iova + size)
             self._starts = [s for s, _ in self._free]
 
-    def free_bytes(self, zone: Zone | None = None) -> int:
-        """Free bytes in the zone's window (or everywhere)."""
-        lo, hi = (0, 1 << 64) if zone is None else (zone.start, zone.value)
-        return sum(max(0, min(e, hi) - max(s, lo)) for s, e in self._free)
+    def free_bytes(self, lo: int = 0, hi: int = U64_MAX) -> int:
+        """Free bytes in the window [lo, hi] (by default everywhere)."""
+        with self._lock:
+            return self._free_in(lo, hi)
 
-    def _first_fit(self, size: int, align: int, lo: int, hi: int) -> int | None:
+    def _free_in(self, lo: int, hi: int) -> int:
+        return sum(max(0, min(e, hi + 1) - max(s, lo)) for s, e in self._free)
+
+    def _first_fit(self, size: int, align: int, lo: int, end: int) -> int | None:
         for s, e in self._free:
             if e <= lo:
                 continue
-            if s >= hi:
+            if s >= end:
                 break
             start = (max(s, lo) + align - 1) & ~(align - 1)
-            if start + size <= min(e, hi):
+            if start + size <= min(e, end):
                 return start
         return None
 

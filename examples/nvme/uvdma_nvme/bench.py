@@ -1,0 +1,195 @@
+"""What the driver costs, measured on the software controller (:mod:`uvdma_nvme.sim`).
+
+``python -m uvdma_nvme.bench`` (what ``tools/bench-nvme --sim`` runs) prints the CPU time
+per I/O of the driver's own path (QD1, QD32, a batch of 32) and of building a PRP list per
+page, each beside the *anchor*: a no-op Python method call pair timed in the same run, so a
+figure reads as a ratio that holds across machines.  The controller's own cost
+(:attr:`NvmeSim.busy_ns`) is taken out.  Best of three; a benchmark, never a test.
+perf.py's whole loop is measured by ``perf.py --device sim --json`` (driver_ns_per_io).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from uvdma.dma import DmaBuffer
+from uvdma.vfio import open_device
+from uvdma_nvme.controller import Controller
+from uvdma_nvme.prp import fill_prp_lists, plan_prps, prp_list_pages_needed
+from uvdma_nvme.sim import BDF, NvmeSim, SimConfig, sim_controller
+from uvdma_nvme.spec import IoOpcode
+
+
+class _Anchor:
+    def noop(self) -> None:
+        """Nothing: the anchor's unit of work."""
+
+
+def anchor_ns(pairs: int = 100_000, rounds: int = 3) -> float:
+    """CPU ns of one turn of ``for _ in r: a.noop(); a.noop()`` (a pair of no-op method
+    calls and the loop around them), best of ``rounds``."""
+    a = _Anchor()
+    best = float("inf")
+    r = range(pairs)
+    for _ in range(rounds):
+        t0 = time.thread_time_ns()
+        for _i in r:
+            a.noop()
+            a.noop()
+        best = min(best, (time.thread_time_ns() - t0) / pairs)
+    return best
+
+
+@contextlib.contextmanager
+def sim_driver(
+    config: SimConfig | None = None, **controller: Any
+) -> Iterator[tuple[Controller, NvmeSim]]:
+    """The driver brought up on a software controller behind the fake kernel (no root, no
+    device): ``with sim_driver() as (ctrl, sim): ...``."""
+    with (
+        tempfile.TemporaryDirectory(prefix="uvdma-sim-") as tmp,
+        sim_controller(Path(tmp), config) as (_kernel, sim),
+    ):
+        ctrl = Controller(open_device(BDF, sysfs=Path(tmp), backend="type1"), **controller)
+        try:
+            yield ctrl, sim
+        finally:
+            ctrl.close()
+
+
+def driver_path(
+    ctrl: Controller, sim: NvmeSim, qd: int, bs: int, ios: int, batch: int = 0
+) -> float:
+    """ns per I/O of the driver's own path at queue depth ``qd`` (reads of ``bs`` bytes at
+    LBAs from a precomputed list, on a new queue): submit, reap, collect, resubmit; the
+    controller's own cost taken out.  Wall time (the controller's clock is
+    ``perf_counter_ns``): polling keeps the CPU busy, so it is CPU time unless the thread
+    was preempted, which best-of-N weeds out.  ``batch``: submit that many with one doorbell write
+    (:meth:`QueuePair.io_batch`) and give back what each reap returned at once."""
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=qd + 1)[0]
+    nblocks = bs // ns.lba_size
+    bufs = [DmaBuffer(ctrl.dma, bs) for _ in range(qd)]
+    dma = [b.dma for b in bufs]
+    lbas = [(i * 7919 * nblocks) % (ns.blocks - nblocks) for i in range(4096)]
+    read = IoOpcode.READ
+    owner = [0] * qd  # cid -> buffer
+    try:
+        sim.reset_cost()
+        done = k = 0
+        t0 = time.perf_counter_ns()
+        if batch:
+            io_batch, reap, release_all = q.io_batch, q.reap, q.release_all
+            free = list(range(qd))
+            while done < ios:
+                while len(free) >= batch:
+                    took = [free.pop() for _ in range(batch)]
+                    cmds = []
+                    for b in took:
+                        cmds.append((lbas[k & 4095], nblocks, dma[b]))
+                        k += 1
+                    for r, b in zip(io_batch(read, ns, cmds, "read"), took, strict=True):
+                        owner[r.cid] = b
+                got = reap()
+                for r in got:
+                    if r.status:
+                        q.result(r)  # raises, naming it
+                    free.append(owner[r.cid])
+                release_all(got)
+                done += len(got)
+        else:
+            io, reap, complete = q.io, q.reap, q.complete
+            for b in range(qd):
+                owner[io(read, ns, lbas[k & 4095], nblocks, dma[b], "read").cid] = b
+                k += 1
+            while done < ios:
+                for r in reap():
+                    b = owner[r.cid]
+                    complete(r)
+                    done += 1
+                    owner[io(read, ns, lbas[k & 4095], nblocks, dma[b], "read").cid] = b
+                    k += 1
+        t1 = time.perf_counter_ns()
+        device = device_ns(sim)
+        while q.outstanding:
+            q.release_all(q.reap())
+        return (t1 - t0 - device) / done
+    finally:
+        for buf in bufs:
+            buf.free()
+
+
+def device_ns(sim: NvmeSim, dispatch_ns: float | None = None) -> float:
+    """The controller's own CPU time since its last reset_cost(): its code
+    (:attr:`NvmeSim.busy_ns`) and the calls that carry each doorbell write to it."""
+    if dispatch_ns is None:
+        dispatch_ns = sim.doorbell_dispatch_ns()
+    return sim.busy_ns + (sim.sq_doorbell_writes + sim.cq_doorbell_writes) * dispatch_ns
+
+
+def prp_ns_per_page(ctrl: Controller, bs: int, rounds: int = 2000) -> float:
+    """CPU ns per page of building the PRP list of a ``bs``-byte, page-aligned transfer
+    (the request's list page already held, as after its first use)."""
+    q = ctrl.io_queues[0] if ctrl.io_queues else ctrl.create_io_queues(1, depth=8)[0]
+    req = q._requests[0]
+    plan = plan_prps(0x10_0000_0000, bs)
+    lists = q._prp_lists(req, prp_list_pages_needed(plan.pages))
+    t0 = time.thread_time_ns()
+    for _ in range(rounds):
+        fill_prp_lists(plan, lists)
+    return (time.thread_time_ns() - t0) / rounds / plan.pages
+
+
+def measure(ios: int = 100_000, runs: int = 3) -> dict[str, Any]:
+    """Every figure, best of ``runs``, with the anchor (best of all its runs)."""
+    rows: dict[str, float] = {}
+    anchors: list[float] = []
+
+    def best(name: str, fn: Callable[[], float]) -> None:
+        vals = []
+        for _ in range(runs):
+            anchors.append(anchor_ns())
+            vals.append(fn())
+        rows[name] = min(vals)
+
+    cfg = SimConfig(mdts=8, queues=64)  # 1 MiB transfers, for the PRP figures
+    with sim_driver(cfg) as (ctrl, sim):
+        for qd in (1, 32):
+            best(f"driver_qd{qd}_4k", functools.partial(driver_path, ctrl, sim, qd, 4096, ios))
+        best("batch32_4k", functools.partial(driver_path, ctrl, sim, 32, 4096, ios, batch=32))
+        for bs in (65536, 131072, 1 << 20):
+            best(f"prp_per_page_{bs // 1024}k", functools.partial(prp_ns_per_page, ctrl, bs))
+    anchor = min(anchors)
+    return {"anchor_ns": round(anchor, 1)} | {
+        k: {"ns": round(v, 1), "x_anchor": round(v / anchor, 2)} for k, v in rows.items()
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ios", type=int, default=100_000, help="I/Os per measurement")
+    parser.add_argument("--runs", type=int, default=3, help="best of this many")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    out = measure(args.ios, args.runs)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"anchor (no-op method call pair, in a loop): {out['anchor_ns']} ns")
+    for k, v in out.items():
+        if isinstance(v, dict):
+            print(f"{k:>20}: {v['ns']:8.1f} ns  {v['x_anchor']:6.2f}x anchor")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
