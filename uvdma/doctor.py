@@ -6,6 +6,7 @@ Every check reports ok, warn or fail; a failing check says its fix.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from uvdma import _sys, pci
 from uvdma.errors import UvdmaError
 from uvdma.memory.hugepages import HugepagePool, hugepage_pools, size_name
 from uvdma.vfio import open_device
+from uvdma.vfio.device import BackendChoice, backend_choice
+from uvdma.vfio.noiommu import NoIommuWarning
 
 DEFAULT_NEED = 64 << 20  # bytes of DMA memory a typical program pins
 
@@ -32,6 +35,14 @@ def _iommu(sysfs: Path) -> Iterator[Check]:
     groups = list((sysfs / "kernel/iommu_groups").glob("*"))
     if units and groups:
         yield Check("ok", f"IOMMU active: {', '.join(units)}, {len(groups)} groups")
+    elif pci.noiommu_mode(sysfs):
+        yield Check(
+            "warn",
+            "no IOMMU is active; VFIO's unsafe no-IOMMU mode is on: devices given to user space "
+            "can DMA anywhere in memory (unprotected)",
+            "enable VT-d/AMD-Vi in the firmware and intel_iommu=on (or amd_iommu=on) where "
+            "the machine has an IOMMU",
+        )
     else:
         yield Check(
             "fail",
@@ -53,13 +64,21 @@ def _vfio(sysfs: Path, devfs: Path) -> Iterator[Check]:
         yield Check("ok", f"{node} is usable")
     else:
         yield Check("fail", f"{node} is not readable and writable by you", "run as root")
-    iommufd = (devfs / "iommu").exists() and (devfs / "vfio/devices").is_dir()
-    yield Check(
-        "ok",
-        "backend: iommufd (/dev/iommu and vfio cdevs present)"
-        if iommufd
-        else "backend: type1 container (no /dev/iommu; fine)",
-    )
+    yield from _backend(backend_choice("auto", sysfs=sysfs, devfs=devfs))
+
+
+def _backend(choice: BackendChoice, who: str = "") -> Iterator[Check]:
+    """The backend ``auto`` picks and the protection mode it gives, each on a line."""
+    yield Check("ok", f"{who}backend: {choice.backend} ({choice.reason})")
+    if choice.backend == "noiommu":
+        yield Check(
+            "warn",
+            f"{who}mode: no-IOMMU, UNPROTECTED: DMA addresses are physical and nothing stops "
+            "a stray DMA",
+            "use a machine (or VM) with an IOMMU for anything but testing",
+        )
+    else:
+        yield Check("ok", f"{who}mode: IOMMU-protected (DMA only where uvdma maps memory)")
 
 
 def _hugepages(pools: dict[int, HugepagePool]) -> Iterator[Check]:
@@ -126,7 +145,17 @@ def _device(address: str, sysfs: Path, devfs: Path, procfs: Path) -> Iterator[Ch
                 f"uvdma bind {dev.address}",
             )
     if group is None:
-        yield Check("fail", f"{dev.address} has no IOMMU group", "turn the IOMMU on (see above)")
+        if pci.noiommu_mode(sysfs):
+            yield Check(
+                "warn",
+                f"{dev.address} has no IOMMU group yet: in no-IOMMU mode vfio-pci makes one "
+                "when it binds (unprotected)",
+                f"uvdma bind {dev.address}",
+            )
+        else:
+            yield Check(
+                "fail", f"{dev.address} has no IOMMU group", "turn the IOMMU on (see above)"
+            )
         return
     blockers = pci.group_blockers(group, sysfs, besides=dev.address)
     if blockers:
@@ -149,6 +178,9 @@ def _device(address: str, sysfs: Path, devfs: Path, procfs: Path) -> Iterator[Ch
             yield Check(
                 "ok", f"group {group} reserved IOVA {start}-{end} ({kind}): uvdma avoids it"
             )
+    yield from _backend(
+        backend_choice("auto", dev.address, sysfs=sysfs, devfs=devfs), f"{dev.address} "
+    )
     yield from _iova(dev)
 
 
@@ -156,7 +188,17 @@ def _iova(dev: pci.PciDevice) -> Iterator[Check]:
     if dev.driver != pci.VFIO_PCI:
         return
     try:
-        with open_device(dev.address) as vd:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoIommuWarning)  # said above, as a check
+            vd = open_device(dev.address)
+        with vd:
+            if vd.backend == "noiommu":
+                yield Check(
+                    "warn",
+                    f"{dev.address} opens with no IOMMU: DMA addresses are physical "
+                    "(/proc/self/pagemap), the device is unprotected",
+                )
+                return
             ranges = vd.domain.iova_ranges()
             top = max(last for _start, last in ranges)
             shown = ", ".join(f"{s:#x}-{e:#x}" for s, e in ranges)

@@ -427,12 +427,13 @@ def bind(
     if not (sysfs / "bus/pci/drivers" / VFIO_PCI).is_dir():
         raise PciError(f"{what}: the vfio-pci driver is not loaded; run `modprobe vfio-pci`")
     group = dev.iommu_group
-    if group is None:
+    if group is None and not noiommu_mode(sysfs):
         raise PciError(
             f"{what}: the device has no IOMMU group, so no IOMMU protects it; "
             "enable the IOMMU (intel_iommu=on or amd_iommu=on on the kernel command line)"
         )
-    blockers = group_blockers(group, sysfs, besides=dev.address)
+    # in VFIO's no-IOMMU mode vfio-pci makes a group of its own for the device when it binds
+    blockers = [] if group is None else group_blockers(group, sysfs, besides=dev.address)
     if blockers:
         names = ", ".join(f"{d.address} ({d.driver})" for d in blockers)
         raise PciError(
@@ -858,8 +859,21 @@ def _forget(address: PciAddress) -> None:
 
 
 def vfio_group_path(group: int, devfs: Path = DEVFS) -> Path:
-    """The VFIO group character device, ``/dev/vfio/<group>``."""
+    """The VFIO group character device: ``/dev/vfio/<group>``, or ``/dev/vfio/noiommu-<group>``
+    for a group VFIO made up in no-IOMMU mode (when that node exists)."""
+    noiommu = devfs / "vfio" / f"noiommu-{group}"
+    if noiommu.exists():
+        return noiommu
     return devfs / "vfio" / str(group)
+
+
+def noiommu_mode(sysfs: Path = SYSFS) -> bool:
+    """Whether VFIO's unsafe no-IOMMU mode is on (``vfio.enable_unsafe_noiommu_mode``)."""
+    try:
+        param = sysfs / "module/vfio/parameters/enable_unsafe_noiommu_mode"
+        return param.read_text().strip() == "Y"
+    except OSError:
+        return False
 
 
 def nvme_controllers(sysfs: Path = SYSFS) -> list[PciDevice]:

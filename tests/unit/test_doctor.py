@@ -58,3 +58,30 @@ def test_an_absent_device_is_one_clear_failure(tmp_path: Path) -> None:
     assert [c.what for c in by_status(checks, "fail")] == [
         "no PCI device at 0000:05:00.0: see `uvdma list` or `lspci -D` for what exists"
     ]
+
+
+def test_every_kernel_gets_a_backend_and_a_mode_line(tmp_path: Path) -> None:
+    sysfs, devfs = tree(tmp_path, iommu=True, vfio=True, free_2m=64)
+    whats = [c.what for c in doctor.run_checks(sysfs=sysfs, devfs=devfs)]
+    why = f"no {devfs}/iommu: this kernel has no iommufd (CONFIG_IOMMUFD), so type1"
+    assert f"backend: type1 ({why})" in whats
+    assert "mode: IOMMU-protected (DMA only where uvdma maps memory)" in whats
+    (devfs / "iommu").write_text("")
+    (devfs / "vfio/devices").mkdir()
+    whats = [c.what for c in doctor.run_checks(sysfs=sysfs, devfs=devfs)]
+    assert f"backend: iommufd ({devfs}/iommu and vfio cdevs ({devfs}/vfio/devices) exist)" in whats
+
+
+def test_no_iommu_mode_is_a_warning_that_says_unprotected_not_a_failure(tmp_path: Path) -> None:
+    sysfs, devfs = tree(tmp_path, iommu=False, vfio=True, free_2m=64)
+    param = sysfs / "module/vfio/parameters/enable_unsafe_noiommu_mode"
+    param.parent.mkdir(parents=True)
+    param.write_text("Y\n")
+    (sysfs / "bus/pci/devices/0000:01:00.0/iommu_group").unlink()  # none until vfio-pci binds
+    checks = doctor.run_checks("01:00.0", sysfs=sysfs, devfs=devfs)
+    assert not any(c.what == "no IOMMU is active" for c in by_status(checks, "fail"))
+    warns = [c.what for c in by_status(checks, "warn")]
+    assert any("unsafe no-IOMMU mode is on" in w and "unprotected" in w for w in warns)
+    assert any(w.startswith("mode: no-IOMMU, UNPROTECTED") for w in warns)
+    assert any("no IOMMU group yet: in no-IOMMU mode vfio-pci makes one" in w for w in warns)
+    assert any(c.what.startswith("backend: noiommu (") for c in checks)

@@ -20,11 +20,11 @@ from uvdma.errors import (
     ClosedError,
     DeviceReleasedError,
     DomainInUseError,
+    IovaExhaustedError,
     PciError,
     UvdmaError,
     UvdmaOSError,
 )
-from uvdma.memory.iova import Zone
 from uvdma.testing.fake_kernel import FakeKernel
 from uvdma.testing.fake_sysfs import make_device
 from uvdma.vfio import (
@@ -37,6 +37,8 @@ from uvdma.vfio import (
     new_domain,
     open_device,
 )
+from uvdma.vfio.device import BackendChoice, backend_choice
+from uvdma.vfio.noiommu import NoIommuContainer, NoIommuWarning
 
 NVME = "0000:00:09.0"
 NVME2 = "0000:00:0a.0"
@@ -71,7 +73,7 @@ def test_open_map_and_close_leave_nothing_open(fake: FakeKernel, sysfs: Path, ba
     assert dev.bar(0).read32(0x08) == 0x00010400  # VS through the BAR mapping
     assert dev.bar(0).read64(0) & 0xFFFF == 2047
     assert dev.capabilities() == {0x11: 0x40}
-    m = dev.domain.map(0x7000_0000_0000, 2 * MiB, zone=Zone.DMA32, align=2 * MiB)
+    m = dev.domain.map(0x7000_0000_0000, 2 * MiB, align=2 * MiB, windows=[(1 << 24, (1 << 32) - 1)])
     assert m.iova >= (1 << 24) and m.iova + m.size <= 1 << 32
     assert fake.pinned == 2 * MiB
     dev.close()
@@ -108,15 +110,32 @@ def test_iommufd_ranges_grow_on_emsgsize_and_the_ioas_is_destroyed(
     assert "ioctl IOMMU_DESTROY" in fake.calls
 
 
-def test_auto_backend_prefers_iommufd_when_the_kernel_has_it(
-    monkeypatch: pytest.MonkeyPatch,
+def test_auto_prefers_iommufd_where_dev_iommu_and_the_cdev_exist_else_type1_saying_why(
+    sysfs: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("uvdma.vfio.iommufd.available", lambda: True)
-    assert choose_backend() == "iommufd"
-    monkeypatch.setattr("uvdma.vfio.iommufd.available", lambda: False)
-    assert choose_backend() == "type1"
-    with pytest.raises(ValueError, match="auto, type1 or iommufd"):
+    devfs = tmp_path / "dev"
+    (devfs / "vfio").mkdir(parents=True)
+    no_iommufd = backend_choice("auto", NVME, sysfs=sysfs, devfs=devfs)
+    assert no_iommufd.backend == "type1"
+    assert "no iommufd (CONFIG_IOMMUFD)" in no_iommufd.reason
+    (devfs / "iommu").touch()
+    no_cdev = backend_choice("auto", NVME, sysfs=sysfs, devfs=devfs)
+    assert no_cdev.backend == "type1" and "has no vfio cdev" in no_cdev.reason
+    (devfs / "vfio/devices").mkdir()
+    (devfs / "vfio/devices/vfio0").touch()
+    both = backend_choice("auto", NVME, sysfs=sysfs, devfs=devfs)
+    assert both == BackendChoice("iommufd", f"{devfs}/iommu and {devfs}/vfio/devices/vfio0 exist")
+    assert backend_choice("auto", sysfs=sysfs, devfs=devfs).backend == "iommufd"  # the kernel
+    assert backend_choice("auto", NVME2, sysfs=sysfs, devfs=devfs).backend == "type1"  # no vfio1
+    assert backend_choice("type1", NVME, sysfs=sysfs, devfs=devfs).backend == "type1"
+    with pytest.raises(ValueError, match="auto, type1, iommufd, noiommu"):
         choose_backend("vfio")
+
+
+def test_auto_picks_noiommu_for_a_device_in_a_noiommu_group(sysfs: Path, tmp_path: Path) -> None:
+    (sysfs / "kernel/iommu_groups/9/name").write_text("vfio-noiommu\n")
+    choice = backend_choice("auto", NVME, sysfs=sysfs, devfs=tmp_path / "dev")
+    assert choice.backend == "noiommu" and "no IOMMU protects memory" in choice.reason
 
 
 @pytest.mark.parametrize("backend", ["type1", "iommufd"])
@@ -243,19 +262,6 @@ def test_bus_master_and_reset(fake: FakeKernel, sysfs: Path) -> None:
         assert dev.config_read(0x04, 2) & 0x6 == 0x6
         dev.reset()
         assert "ioctl VFIO_DEVICE_RESET" in fake.calls
-
-
-def test_mapped_memory_cannot_be_freed_until_unmapped(fake: FakeKernel, sysfs: Path) -> None:
-    from uvdma.memory import allocate  # noqa: PLC0415
-
-    with open_device(NVME, sysfs=sysfs, backend="type1") as dev:
-        mem = allocate(2 * MiB)
-        m = dev.domain.map_memory(mem, zone=Zone.DMA)
-        assert m.iova % (2 * MiB) == 0 and m.iova + m.size <= 1 << 24
-        with pytest.raises(Exception, match="still mapped for DMA"):
-            mem.close()
-        dev.domain.unmap(m)
-        mem.close()
 
 
 def test_intx_is_unmasked_on_request(fake: FakeKernel, sysfs: Path) -> None:
@@ -550,3 +556,121 @@ def test_a_thread_waiting_for_an_interrupt_is_woken_by_close(fake: FakeKernel, s
     assert len(got) == 1 and isinstance(got[0], ClosedError), got
     assert "wait_irq(1): VfioDevice 0000:00:09.0 is closed" in str(got[0])
     assert fake.open_kinds() == []  # its eventfd was closed once it was out
+
+
+# -- iommufd: the cdev order and the options ------------------------------------------------
+
+
+def test_iommufd_detaches_each_device_before_its_cdev_closes_and_shares_one_ioas(
+    fake: FakeKernel, sysfs: Path
+) -> None:
+    with new_domain("iommufd") as domain:
+        assert isinstance(domain, IommufdDomain)
+        a = open_device(NVME, domain=domain, sysfs=sysfs)
+        b = open_device(NVME2, domain=domain, sysfs=sysfs)
+        m = domain.map(0x7000_0000_0000, 2 * MiB, iova=0x4000_0000)
+        assert fake.ioas[domain.ioas_id] == {0x4000_0000: 2 * MiB}  # one IOAS, one mapping
+        a.close()
+        assert fake.detached == [NVME]  # b is still attached and its mapping still there
+        assert fake.ioas[domain.ioas_id] == {0x4000_0000: 2 * MiB}
+        b.close()
+        assert fake.detached == [NVME, NVME2]
+        domain.unmap(m)
+    calls = [c for c in fake.calls if "DETACH" in c or "DESTROY" in c]
+    assert calls == [
+        "ioctl VFIO_DEVICE_DETACH_IOMMUFD_PT",
+        "ioctl VFIO_DEVICE_DETACH_IOMMUFD_PT",
+        "ioctl IOMMU_DESTROY",
+    ]
+    assert fake.open_kinds() == []
+
+
+def test_iommufd_options_are_read_not_changed(fake: FakeKernel, sysfs: Path) -> None:
+    with open_device(NVME, backend="iommufd", sysfs=sysfs) as dev:
+        assert isinstance(dev.domain, IommufdDomain)
+        assert dev.domain.options() == {"huge_pages": 1, "rlimit_mode": 0}
+
+
+# -- no-IOMMU mode ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def noiommu(fake: FakeKernel, sysfs: Path) -> FakeKernel:
+    fake.noiommu = True
+    for group in (9, 10):
+        (sysfs / "kernel/iommu_groups" / str(group) / "name").write_text("vfio-noiommu\n")
+    return fake
+
+
+def test_noiommu_warns_and_maps_at_the_physical_address(noiommu: FakeKernel, sysfs: Path) -> None:
+    with pytest.warns(NoIommuWarning, match="no IOMMU protects memory"):
+        dev = open_device(NVME, sysfs=sysfs)
+    with dev:
+        assert dev.backend == "noiommu" and isinstance(dev.domain, NoIommuContainer)
+        assert "UNPROTECTED" in repr(dev.domain)
+        vaddr = 0x7000_1234_5000
+        m = dev.domain.map(vaddr, 8192)
+        assert m.iova == (vaddr >> 12 & 0xFFFFF) << 12  # what pagemap says
+        assert dev.domain.translate(m.iova + 5) == vaddr + 5
+        assert noiommu.mlocked == 8192  # locked: resident, never swapped
+        assert not any("MAP_DMA" in c for c in noiommu.calls)  # no IOMMU to ask
+        dev.domain.unmap(m)
+        with pytest.raises(DmaMapError, match="not mapped in this domain"):
+            dev.domain.unmap(m)
+    assert noiommu.open_kinds() == []
+
+
+def test_noiommu_refuses_what_it_cannot_honour_and_changes_nothing(
+    noiommu: FakeKernel, sysfs: Path
+) -> None:
+    with pytest.warns(NoIommuWarning), open_device(NVME, sysfs=sysfs) as dev:
+        vaddr = 0x7000_0000_0000  # physical 0x0 + offsets in the fake's pagemap
+        high = 0x7000_8000_0000  # physical 0x8000_0000
+        with pytest.raises(IovaExhaustedError, match=r"lies outside \[0x0, 0xffffff\]"):
+            dev.domain.map(high, 4096, windows=[(0, (1 << 24) - 1)])
+        with pytest.raises(DmaMapError, match="only"):
+            dev.domain.map(vaddr + 4096, 4096, iova=0x10000)
+        noiommu.physical = lambda v: 0x1000_0000 + (v - vaddr) * 3  # pages scattered
+        with pytest.raises(DmaMapError, match="not physically contiguous"):
+            dev.domain.map(vaddr, 8192)
+        assert dev.domain.mappings() == []
+
+
+def test_a_backend_that_does_not_fit_the_group_is_refused(noiommu: FakeKernel, sysfs: Path) -> None:
+    with pytest.raises(PciError, match=r"no-IOMMU group .* use backend noiommu"):
+        open_device(NVME, backend="type1", sysfs=sysfs)
+    noiommu.noiommu = False
+    (sysfs / "kernel/iommu_groups/9/name").unlink()
+    with pytest.raises(PciError, match="it has an IOMMU"):
+        open_device(NVME, backend="noiommu", sysfs=sysfs)
+    assert noiommu.open_kinds() == []
+
+
+def test_noiommu_alloc_below_finds_a_hugepage_under_the_limit(
+    noiommu: FakeKernel, sysfs: Path
+) -> None:
+    placed: dict[int, int] = {}  # hugepage vaddr -> physical: high, high, then low
+
+    def physical(vaddr: int) -> int:
+        base = vaddr & ~(2 * MiB - 1)
+        if base not in placed:
+            placed[base] = [0x1_4000_0000, 0x1_2000_0000, 0x3000_0000][len(placed) % 3]
+        return placed[base] + vaddr - base
+
+    noiommu.physical = physical
+    with pytest.warns(NoIommuWarning), open_device(NVME, sysfs=sysfs) as dev:
+        domain = dev.domain
+        assert isinstance(domain, NoIommuContainer)
+        free = noiommu.free_hugepages[2 * MiB]
+        mem = domain.alloc_below(2 * MiB, (1 << 32) - 1)
+        assert physical(mem.vaddr) == 0x3000_0000
+        assert noiommu.free_hugepages[2 * MiB] == free - 1  # the two high ones went back
+        m = domain.map_memory(mem, windows=[(0, (1 << 32) - 1)])
+        assert m.iova == 0x3000_0000
+        domain.unmap(m)
+        mem.close()
+        placed.clear()
+        noiommu.physical = lambda v: 0x2_0000_0000 + v % (2 * MiB)  # every page above 4 GiB
+        with pytest.raises(IovaExhaustedError, match=r"the lowest at physical 0x200000000"):
+            domain.alloc_below(2 * MiB, (1 << 32) - 1)
+        assert noiommu.free_hugepages[2 * MiB] == free  # nothing kept

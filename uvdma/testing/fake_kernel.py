@@ -18,6 +18,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -81,6 +82,9 @@ class FakeKernel:
         self.devices: dict[str, FakeDevice] = {}
         self.viable: dict[int, bool] = {}
         self.iommufd = True
+        self.noiommu = False  # VFIO in no-IOMMU mode: groups are /dev/vfio/noiommu-<n>
+        self.detached: list[str] = []  # cdevs detached from their IOAS (in order)
+        self.physical: Callable[[int], int] | None = None  # vaddr -> physical, for pagemap
         self.dma_entry_limit = 65535
         self.memlock = 64 << 20
         self.privileged = True  # pagemap PFNs visible; CAP_IPC_LOCK
@@ -223,7 +227,14 @@ class FakeKernel:
                 if d.cdev == n:
                     return self._new("cdev", d)
             raise err(errno.ENOENT)
+        if path.startswith("/dev/vfio/noiommu-"):
+            group = int(path.rsplit("-", 1)[1])
+            if not self.noiommu or group not in self.viable:
+                raise err(errno.ENOENT)
+            return self._new("group", {"number": group, "container": None})
         if path.startswith("/dev/vfio/"):
+            if self.noiommu:
+                raise err(errno.ENOENT)
             group = int(path.rsplit("/", 1)[1])
             if group not in self.viable:
                 raise err(errno.ENOENT)
@@ -300,12 +311,18 @@ class FakeKernel:
         if request == V.VFIO_GET_API_VERSION:
             return V.VFIO_API_VERSION
         if request == V.VFIO_CHECK_EXTENSION:
+            if self.noiommu:
+                return 1 if arg == V.IommuType.VFIO_NOIOMMU_IOMMU else 0
             return 1 if arg in (V.IommuType.VFIO_TYPE1v2_IOMMU, V.IommuType.VFIO_TYPE1_IOMMU) else 0
         if request == V.VFIO_SET_IOMMU:
-            if not c["groups"]:
+            wanted = V.IommuType.VFIO_NOIOMMU_IOMMU if self.noiommu else None
+            if not c["groups"] or (wanted is not None and arg != wanted):
                 raise err(errno.EINVAL)
             c["iommu"] = True
+            c["noiommu"] = self.noiommu
             return 0
+        if c.get("noiommu"):
+            raise err(errno.ENOTTY)  # the no-IOMMU driver has no map, unmap or info
         if not c["iommu"]:
             raise err(errno.EINVAL)
         if request == V.VFIO_IOMMU_GET_INFO:
@@ -492,6 +509,20 @@ class FakeKernel:
             arg.length = maps.pop(arg.iova)
             self.pinned -= arg.length
             return 0
+        if request == I.IOMMU_OPTION:
+            if arg.op != I.IOMMU_OPTION_OP_GET:
+                raise err(errno.EPERM)  # setting needs CAP_SYS_RESOURCE (rlimit mode)
+            if arg.option_id == I.IOMMU_OPTION_HUGE_PAGES:
+                if arg.object_id not in self.ioas:
+                    raise err(errno.ENOENT)
+                arg.val64 = 1
+            elif arg.option_id == I.IOMMU_OPTION_RLIMIT_MODE:
+                if arg.object_id:
+                    raise err(errno.EOPNOTSUPP)
+                arg.val64 = 0
+            else:
+                raise err(errno.EOPNOTSUPP)
+            return 0
         if request == I.IOMMU_DESTROY:
             maps = self.ioas.pop(arg.id)
             self.pinned -= sum(maps.values())
@@ -509,6 +540,12 @@ class FakeKernel:
             if not f.extra.get("bound") or arg.pt_id not in self.ioas:
                 raise err(errno.EINVAL)
             f.extra["ioas"] = arg.pt_id
+            return 0
+        if request == V.VFIO_DEVICE_DETACH_IOMMUFD_PT:
+            if not f.extra.get("ioas"):
+                raise err(errno.EINVAL)
+            f.extra["ioas"] = None
+            self.detached.append(f.obj.bdf)
             return 0
         if not f.extra.get("ioas"):
             raise err(errno.EINVAL)  # a cdev is usable only once bound and attached
@@ -613,5 +650,7 @@ class FakeKernel:
         return self.memlock
 
     def pagemap_entry(self, vaddr: int) -> int:
+        if self.physical is not None:
+            return (1 << 63) | (self.physical(vaddr) >> 12 if self.privileged else 0)
         pfn = (vaddr >> 12) & 0xFFFFF if self.privileged else 0
         return (1 << 63) | pfn

@@ -7,19 +7,23 @@
 
 from uvdma.errors import DmaMapError, GroupNotViableError
 from uvdma.vfio.device import (
+    BackendChoice,
     Bar,
     IrqInfo,
     RegionInfo,
     VfioDevice,
+    backend_choice,
     choose_backend,
     new_domain,
     open_device,
 )
 from uvdma.vfio.domain import DmaMapping, IommuDomain
 from uvdma.vfio.iommufd import IommufdDomain
+from uvdma.vfio.noiommu import NoIommuContainer, NoIommuWarning
 from uvdma.vfio.type1 import Type1Container, VfioGroup
 
 __all__ = [
+    "BackendChoice",
     "Bar",
     "DmaMapError",
     "DmaMapping",
@@ -27,10 +31,13 @@ __all__ = [
     "IommuDomain",
     "IommufdDomain",
     "IrqInfo",
+    "NoIommuContainer",
+    "NoIommuWarning",
     "RegionInfo",
     "Type1Container",
     "VfioDevice",
     "VfioGroup",
+    "backend_choice",
     "choose_backend",
     "new_domain",
     "open_device",

@@ -50,7 +50,7 @@ from uvdma.errors import (
     UvdmaError,
     UvdmaOSError,
 )
-from uvdma.vfio import _ioctl, iommufd, type1
+from uvdma.vfio import _ioctl, iommufd, noiommu, type1
 from uvdma.vfio.domain import IommuDomain
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class VfioDevice:
 
     @property
     def backend(self) -> str:
-        """``type1`` or ``iommufd``."""
+        """``type1``, ``iommufd`` or ``noiommu``."""
         return self.domain.backend
 
     def closed_error(self, what: str) -> ClosedError:
@@ -708,11 +708,21 @@ class VfioDevice:
             stack.callback(self.domain._detach_user, self)
             if self._fd_open:
                 stack.callback(_sys.kernel().close, self.fd)
+                if isinstance(self.domain, iommufd.IommufdDomain) and not released:
+                    # vfio.rst "cdev": detach from the IOAS, then close (which unbinds)
+                    stack.callback(self._detach_quietly)
             for bar in self._bars.values():
                 stack.callback(bar.close)
             for index in list(self._irq_fds):
                 # a released device's fd is gone: only our eventfds are left to close
                 stack.callback(self._disable_irqs, index, not released)
+
+    def _detach_quietly(self) -> None:
+        if isinstance(self.domain, iommufd.IommufdDomain) and not self.domain.closed:
+            try:
+                self.domain.detach(self.fd, self.address)
+            except UvdmaError as e:  # closing the fd detaches it anyway
+                log.warning("uvdma: %s", e)
 
     def __enter__(self) -> VfioDevice:
         return self
@@ -724,19 +734,75 @@ class VfioDevice:
         return f"VfioDevice({self.address}, backend={self.backend}, regions={self.num_regions})"
 
 
-def choose_backend(backend: str = "auto") -> str:
-    """``iommufd`` when the kernel offers it (``/dev/iommu`` and vfio cdevs), else ``type1``."""
-    if backend not in ("auto", "type1", "iommufd"):
-        raise ValueError(f"backend must be auto, type1 or iommufd, not {backend!r}")
-    if backend == "auto":
-        return "iommufd" if iommufd.available() else "type1"
-    return backend
+BACKENDS = ("auto", "type1", "iommufd", "noiommu")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend ``auto`` (or the caller) chose for a device, and why."""
+
+    backend: str  # type1, iommufd or noiommu
+    reason: str
+
+
+def backend_choice(
+    backend: str = "auto",
+    address: str | pci.PciAddress | None = None,
+    *,
+    sysfs: Path = pci.SYSFS,
+    devfs: Path = pci.DEVFS,
+) -> BackendChoice:
+    """The backend for a device (or for this kernel when ``address`` is None), with why.
+
+    ``auto``: ``noiommu`` for a device in a group VFIO made up in no-IOMMU mode (no
+    IOMMU exists for it); else ``iommufd`` when ``/dev/iommu`` exists and the device has a
+    vfio cdev (``/dev/vfio/devices/vfioN``, CONFIG_VFIO_DEVICE_CDEV); else ``type1``,
+    the reason naming what was missing.  Anything else is taken as asked.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend != "auto":
+        return BackendChoice(backend, "asked for")
+    dev = None if address is None else pci.device(address, sysfs)
+    if dev is not None and dev.iommu_group is not None:
+        if noiommu.is_noiommu_group(dev.iommu_group, sysfs):
+            return BackendChoice("noiommu", f"{dev.address}: {noiommu.UNPROTECTED}")
+    elif noiommu.enabled(sysfs) and not any((sysfs / "class/iommu").glob("*")):
+        return BackendChoice("noiommu", noiommu.UNPROTECTED)
+    node = devfs / "iommu"
+    if not node.exists():
+        return BackendChoice(
+            "type1", f"no {node}: this kernel has no iommufd (CONFIG_IOMMUFD), so type1"
+        )
+    cdevs = devfs / "vfio/devices"
+    if dev is None:
+        if cdevs.is_dir():
+            return BackendChoice("iommufd", f"{node} and vfio cdevs ({cdevs}) exist")
+        return BackendChoice(
+            "type1", f"{node} exists but not {cdevs} (no CONFIG_VFIO_DEVICE_CDEV), so type1"
+        )
+    names = sorted(p.name for p in (dev.path / "vfio-dev").glob("vfio*"))
+    if not names or not (cdevs / names[0]).exists():
+        return BackendChoice(
+            "type1",
+            f"{node} exists but {dev.address} has no vfio cdev in {cdevs} (not bound to "
+            "vfio-pci, or no CONFIG_VFIO_DEVICE_CDEV), so type1",
+        )
+    return BackendChoice("iommufd", f"{node} and {cdevs / names[0]} exist")
+
+
+def choose_backend(backend: str = "auto", address: str | pci.PciAddress | None = None) -> str:
+    """The backend :func:`backend_choice` picks: ``type1``, ``iommufd`` or ``noiommu``."""
+    return backend_choice(backend, address).backend
 
 
 def new_domain(backend: str = "auto") -> IommuDomain:
     """A fresh IOMMU domain of the chosen backend (to share between devices)."""
-    if choose_backend(backend) == "iommufd":
+    kind = choose_backend(backend)
+    if kind == "iommufd":
         return iommufd.IommufdDomain()
+    if kind == "noiommu":
+        return noiommu.NoIommuContainer()
     return type1.Type1Container()
 
 
@@ -785,7 +851,24 @@ def _open(dev: pci.PciDevice, backend: str, domain: IommuDomain | None, sysfs: P
         raise PciError(f"{dev.address} has no IOMMU group: turn the IOMMU on (`uvdma doctor`)")
     if domain is not None:
         domain._check(f"opening {dev.address} in {domain!r}")
-    kind = domain.backend if domain is not None else choose_backend(backend)
+    if domain is not None:
+        kind = domain.backend
+    else:
+        choice = backend_choice(backend, dev.address, sysfs=sysfs)
+        kind = choice.backend
+        if backend == "auto" and kind != "iommufd":
+            log.info("uvdma: %s: backend %s: %s", dev.address, kind, choice.reason)
+    in_noiommu_group = noiommu.is_noiommu_group(group_no, sysfs)
+    if in_noiommu_group != (kind == "noiommu"):
+        raise PciError(
+            f"opening {dev.address} with the {kind} backend: "
+            + (
+                "it is in a no-IOMMU group (VFIO's unsafe no-IOMMU mode): use backend "
+                "noiommu, or 'auto'"
+                if in_noiommu_group
+                else "it has an IOMMU: the noiommu backend is for devices without one"
+            )
+        )
     with contextlib.ExitStack() as stack:
         owns = domain is None
         if domain is None:
@@ -795,7 +878,7 @@ def _open(dev: pci.PciDevice, backend: str, domain: IommuDomain | None, sysfs: P
         if isinstance(domain, type1.Type1Container):
             group = next((g for g in domain.groups if g.number == group_no), None)
             if group is None:
-                group = type1.VfioGroup(group_no, sysfs)
+                group = domain.open_group(group_no, sysfs)
                 stack.callback(group.close)
                 domain.add_group(group)
             fd = group.device_fd(dev.address)

@@ -4,7 +4,13 @@ Set-up (Documentation/userspace-api/iommufd.rst, vfio.rst "cdev"): open ``/dev/i
 IOMMU_IOAS_ALLOC; open ``/dev/vfio/devices/vfioN``, VFIO_DEVICE_BIND_IOMMUFD, then
 VFIO_DEVICE_ATTACH_IOMMUFD_PT to the IOAS.  Used when the kernel has both (``/dev/iommu``
 and ``/dev/vfio/devices/``); the Debian kernels of the test VM are built without
-CONFIG_IOMMUFD, so this backend is tested against the fake kernel behind the syscall seam.
+CONFIG_IOMMUFD; uvdma's own guest kernel (``uvdma vm kernel``) has it, and the VM tier
+proves this backend there (docs/test-vm.md).  Teardown is the reverse of set-up: each
+device is detached from the IOAS (VFIO_DEVICE_DETACH_IOMMUFD_PT) and its cdev closed
+(which unbinds it from the iommufd); then the IOAS is unmapped and destroyed
+(IOMMU_DESTROY) and ``/dev/iommu`` closed.  Several devices may be attached to one IOAS
+(:func:`~uvdma.vfio.new_domain` and ``open_device(..., domain=)``): one set of mappings
+serves them all.
 """
 
 from __future__ import annotations
@@ -91,6 +97,38 @@ class IommufdDomain(IommuDomain):
         if not self._maps:
             self._iova = None  # ranges narrow as devices attach: ask again
         return int(bind.out_devid)
+
+    def detach(self, device_fd: int, address: pci.PciAddress) -> None:
+        """VFIO_DEVICE_DETACH_IOMMUFD_PT: take a device out of the IOAS, before its fd closes
+        (closing the fd then unbinds it from this iommufd).  The device can no longer DMA
+        through the IOAS; the IOAS and its mappings stay for the other devices."""
+        arg = V.vfio_device_detach_iommufd_pt(argsz=ctypes.sizeof(V.vfio_device_detach_iommufd_pt))
+        _ioctl.call(
+            device_fd, V.VFIO_DEVICE_DETACH_IOMMUFD_PT, arg, f"detaching {address} from IOAS", {}
+        )
+
+    def _option(self, option_id: int, object_id: int, op: int, value: int = 0) -> int:
+        opt = I.iommu_option(
+            size=ctypes.sizeof(I.iommu_option),
+            option_id=option_id,
+            op=op,
+            object_id=object_id,
+            val64=value,
+        )
+        _ioctl.call(self.fd, I.IOMMU_OPTION, opt, f"IOMMU_OPTION {option_id}", {})
+        return int(opt.val64)
+
+    def options(self) -> dict[str, int]:
+        """IOMMU_OPTION, read: ``huge_pages`` of this IOAS (1: the IOMMU may map large
+        pages, the default, kept) and the kernel-wide ``rlimit_mode`` (0: pinned pages count
+        against the user's RLIMIT_MEMLOCK, the default; 1: against the process's, as type1
+        does).  uvdma changes neither: the rlimit mode is global (CAP_SYS_RESOURCE) and
+        huge pages are what DMA through hugepage memory wants."""
+        get = I.IOMMU_OPTION_OP_GET
+        return {
+            "huge_pages": self._option(I.IOMMU_OPTION_HUGE_PAGES, self.ioas_id, get),
+            "rlimit_mode": self._option(I.IOMMU_OPTION_RLIMIT_MODE, 0, get),
+        }
 
     def iova_ranges(self) -> list[tuple[int, int]]:
         n = 4

@@ -55,7 +55,7 @@ def _open(path: str, what: str, fixes: dict[int, str]) -> int:
 class VfioGroup:
     """An IOMMU group opened through ``/dev/vfio/<n>``."""
 
-    def __init__(self, number: int, sysfs: Path = pci.SYSFS) -> None:
+    def __init__(self, number: int, sysfs: Path = pci.SYSFS, *, path: str | None = None) -> None:
         self.number = number
         self.container: Type1Container | None = None
         self.closed = True  # until it is open
@@ -68,7 +68,7 @@ class VfioGroup:
                 "IOMMU domain; open the devices of one group in one domain "
                 "(open_device(..., domain=the_other_device.domain))",
             )
-        path = f"/dev/vfio/{number}"
+        path = path or f"/dev/vfio/{number}"
         self.fd = _open(
             path,
             f"opening VFIO group {number}",
@@ -128,6 +128,7 @@ class Type1Container(IommuDomain):
     """A VFIO container using the type1v2 IOMMU: one IOMMU domain for all its groups."""
 
     backend = "type1"
+    iommu_type = V.IommuType.VFIO_TYPE1v2_IOMMU
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,20 +148,25 @@ class Type1Container(IommuDomain):
             version = _ioctl.call(self.fd, V.VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION", {})
             if version != V.VFIO_API_VERSION:
                 raise UvdmaError(f"VFIO API version {version}, uvdma speaks {V.VFIO_API_VERSION}")
-            ok = _ioctl.call(
-                self.fd,
-                V.VFIO_CHECK_EXTENSION,
-                int(V.IommuType.VFIO_TYPE1v2_IOMMU),
-                "VFIO_CHECK_EXTENSION",
-                {},
-            )
-            if ok != 1:
-                raise UvdmaError(
-                    "this kernel's VFIO has no type1v2 IOMMU: `modprobe vfio_iommu_type1`"
-                )
+            self._check_extension()
         except BaseException:
             _sys.kernel().close(self.fd)
             raise
+
+    def _check_extension(self) -> None:
+        ok = _ioctl.call(
+            self.fd,
+            V.VFIO_CHECK_EXTENSION,
+            int(V.IommuType.VFIO_TYPE1v2_IOMMU),
+            "VFIO_CHECK_EXTENSION",
+            {},
+        )
+        if ok != 1:
+            raise UvdmaError("this kernel's VFIO has no type1v2 IOMMU: `modprobe vfio_iommu_type1`")
+
+    def open_group(self, number: int, sysfs: Path = pci.SYSFS) -> VfioGroup:
+        """Open IOMMU group ``number`` (``/dev/vfio/<number>``), not yet in this container."""
+        return VfioGroup(number, sysfs)
 
     def add_group(self, group: VfioGroup) -> None:
         """Put a group in this container; the first one sets the IOMMU type."""
@@ -179,8 +185,8 @@ class Type1Container(IommuDomain):
             _ioctl.call(
                 self.fd,
                 V.VFIO_SET_IOMMU,
-                int(V.IommuType.VFIO_TYPE1v2_IOMMU),
-                "VFIO_SET_IOMMU(TYPE1v2)",
+                int(self.iommu_type),
+                f"VFIO_SET_IOMMU({self.iommu_type.name})",
                 {},
             )
             self._iommu_set = True
