@@ -1,0 +1,285 @@
+"""The same claims on every IOMMU backend, and what only one backend has.
+
+Run in three guests by ``tools/test`` (docs/test-vm.md): Debian's stock kernel proves type1;
+uvdma's built kernel proves iommufd + VFIO cdev (emulated VT-d) and VFIO's no-IOMMU mode
+(no IOMMU at all).  Tests taking the ``backend`` fixture make the same claim on each (the
+id names the backend); ``@pytest.mark.backends(...)`` tests are for the backends named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import nvme_by_hand as nvme
+from uvdma import pci
+from uvdma.errors import IovaExhaustedError, PciError
+from uvdma.memory import HugeMemory, allocate, physical_address
+from uvdma.memory.hugepages import PAGE_2M
+from uvdma.vfio import VfioDevice, new_domain, open_device
+from uvdma.vfio.device import backend_choice
+from uvdma.vfio.faults import IommuFaultLog
+from uvdma.vfio.iommufd import IommufdDomain
+from uvdma.vfio.iova import MSI_WINDOW
+from uvdma.vfio.noiommu import NoIommuContainer, NoIommuWarning
+
+pytestmark = [pytest.mark.vm, pytest.mark.backends()]
+
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def controllers() -> list[pci.PciDevice]:
+    return pci.nvme_controllers()
+
+
+def quietly_open(address: object, **kw: object) -> VfioDevice:
+    """open_device without the no-IOMMU warning (tests that check it say so)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoIommuWarning)
+        return open_device(address, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def dev(backend: str) -> Iterator[VfioDevice]:
+    with quietly_open(controllers()[0].address, backend=backend) as d:
+        yield d
+
+
+def memory(dev: VfioDevice, limit: int = U64) -> HugeMemory:
+    """2 MiB of DMA memory the device can reach below ``limit``: with no IOMMU the memory
+    itself must lie there (placement); with one, any hugepage will do (the IOVA is chosen)."""
+    if isinstance(dev.domain, NoIommuContainer):
+        return dev.domain.alloc_below(PAGE_2M, limit)
+    return allocate(PAGE_2M)
+
+
+def placement(v: int, i: int, data: int | None = None) -> nvme.Placement:
+    d = i + 8192 if data is None else data
+    return nvme.Placement(sq=(v, i), cq=(v + 4096, i + 4096), data=(v + 8192, d))
+
+
+# -- the same claim on every backend -------------------------------------------------------------
+
+
+def test_auto_picks_this_tiers_backend_and_says_why(backend: str) -> None:
+    address = controllers()[0].address
+    choice = backend_choice("auto", address)
+    assert choice.backend == backend, choice.reason
+    with quietly_open(address) as d:
+        assert d.backend == backend
+    expected = {"type1": "no iommufd", "iommufd": "/dev/vfio/devices/vfio", "noiommu": "no IOMMU"}
+    assert expected[backend] in choice.reason
+
+
+@pytest.mark.parametrize("bits", [64, 32])
+def test_the_device_dmas_into_memory_mapped_under_a_mask(
+    dev: VfioDevice, backend: str, bits: int
+) -> None:
+    mask = (1 << bits) - 1
+    with memory(dev, mask) as mem:
+        m = dev.domain.map_memory(mem, windows=[(0, mask)])
+        try:
+            assert m.iova + m.size - 1 <= mask
+            if backend == "noiommu":
+                assert m.iova == physical_address(mem.vaddr)  # the device sees RAM directly
+            data = nvme.identify_controller(dev, placement(mem.vaddr, m.iova))
+            assert data[4:24].decode().strip() == "uvdma0000"  # SN, DMA'd by the device
+            nvme.disable(dev)
+        finally:
+            dev.domain.unmap(m)
+
+
+def test_msix_eventfd_fires_for_the_completion(dev: VfioDevice) -> None:
+    fds = dev.enable_irqs(1)
+    assert len(fds) == 1
+    with pytest.raises(TimeoutError, match="vector 0"):
+        dev.wait_irq(0, 0.05)
+    with memory(dev) as mem:
+        m = dev.domain.map_memory(mem)
+        nvme.identify_controller(dev, placement(mem.vaddr, m.iova))
+        assert dev.wait_irq(0, 10.0) >= 1
+        nvme.disable(dev)
+        dev.domain.unmap(m)
+    dev.disable_irqs()
+
+
+@pytest.mark.parametrize("bits", [64, 32])
+def test_the_nvme_example_writes_reads_and_verifies_under_a_mask(backend: str, bits: int) -> None:
+    bdf = str(controllers()[0].address)
+    args = ["--device", bdf, "--mask-bits", str(bits), "--lba", "64", "--blocks", "256"]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples/nvme/rw.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verified: 256 LBAs" in r.stdout
+    if backend == "noiommu":  # and the user was told that nothing protected the machine
+        assert "no IOMMU protects memory" in r.stderr
+
+
+def test_a_stray_dma_is_blocked_by_the_iommu_or_the_user_is_warned(
+    backend: str,
+) -> None:
+    address = controllers()[0].address
+    if backend == "noiommu":
+        # nothing can block it: opening the device says so, once, loudly
+        with pytest.warns(NoIommuWarning, match="a stray DMA corrupts the machine"):
+            d = open_device(address)
+        d.close()
+        return
+    with open_device(address, backend=backend) as d, allocate(PAGE_2M) as mem:
+        m = d.domain.map(mem.vaddr, 8192)  # the queues only; the data page is not mapped
+        stray = m.iova + 8192
+        assert d.domain.translate(stray) is None
+        with IommuFaultLog(d.address) as log:
+            # a controller may report the failed transfer; QEMU 7.2's says success
+            with contextlib.suppress(RuntimeError):
+                nvme.identify_controller(d, placement(mem.vaddr, m.iova, stray), timeout=10)
+            faults = log.faults(wait=10)
+        assert faults and faults[0].iova >> 12 == stray >> 12 and faults[0].kind == "Write"
+        assert ctypes.string_at(mem.vaddr + 8192, 16) == b"\xa5" * 16  # nothing landed in RAM
+        nvme.disable(d)
+        d.domain.unmap(m)
+
+
+def test_doctor_reports_the_backend_and_the_mode(backend: str) -> None:
+    bdf = str(controllers()[0].address)
+    r = subprocess.run(
+        [sys.executable, "-m", "uvdma.cli", "doctor", bdf],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = r.stdout
+    assert f"backend: {backend} (" in out, out
+    assert f"{bdf} backend: {backend} (" in out, out
+    if backend == "noiommu":
+        assert "mode: no-IOMMU, UNPROTECTED" in out
+        assert f"{bdf} opens with no IOMMU: DMA addresses are physical" in out
+        assert "VFIO's unsafe no-IOMMU mode is on" in out
+    else:
+        assert "mode: IOMMU-protected" in out
+        assert f"usable IOVA ranges ({backend}):" in out
+        assert r.returncode == 0, out + r.stderr
+
+
+# -- iommufd + VFIO cdev only ----------------------------------------------------------------
+
+
+@pytest.mark.backends("iommufd")
+def test_each_bound_controller_has_its_cdev_in_dev_vfio_devices() -> None:
+    for c in controllers():
+        names = [p.name for p in (c.path / "vfio-dev").iterdir()]
+        assert len(names) == 1 and names[0].startswith("vfio")
+        node = Path("/dev/vfio/devices") / names[0]
+        major, minor = (c.path / "vfio-dev" / names[0] / "dev").read_text().split(":")
+        assert os.stat(node).st_rdev == os.makedev(int(major), int(minor))
+
+
+@pytest.mark.backends("iommufd")
+def test_the_ioas_reports_its_ranges_and_options() -> None:
+    with open_device(controllers()[0].address, backend="iommufd") as d:
+        domain = d.domain
+        assert isinstance(domain, IommufdDomain)
+        ranges = domain.iova_ranges()  # IOMMU_IOAS_IOVA_RANGES, after the attach
+        for start, last in ranges:
+            assert last < MSI_WINDOW.start or start > MSI_WINDOW.last
+        assert max(last for _s, last in ranges) == (1 << 39) - 1  # QEMU VT-d: 39-bit
+        assert domain.min_page_size() == 4096
+        assert domain.options() == {"huge_pages": 1, "rlimit_mode": 0}
+
+
+@pytest.mark.backends("iommufd")
+def test_a_fixed_iova_map_is_used_and_its_unmap_really_blocks() -> None:
+    iova = 0x40_0000_0000  # above 4 GiB, fixed by us (IOMMU_IOAS_MAP_FIXED_IOVA)
+    with open_device(controllers()[0].address, backend="iommufd") as d, allocate(PAGE_2M) as mem:
+        m = d.domain.map(mem.vaddr, PAGE_2M, iova)
+        assert m.iova == iova
+        data = nvme.identify_controller(d, placement(mem.vaddr, iova))
+        assert data[4:24].decode().strip() == "uvdma0000"
+        nvme.disable(d)
+        d.domain.unmap(m)
+        queues = d.domain.map(mem.vaddr, 8192)  # somewhere else now
+        with IommuFaultLog(d.address) as log:
+            with contextlib.suppress(RuntimeError):
+                nvme.identify_controller(d, placement(mem.vaddr, queues.iova, iova + 8192))
+            faults = log.faults(wait=10)
+        assert faults and faults[0].iova >> 12 == (iova + 8192) >> 12
+        nvme.disable(d)
+        d.domain.unmap(queues)
+
+
+@pytest.mark.backends("iommufd")
+def test_two_controllers_share_one_ioas_and_one_leaving_keeps_the_other() -> None:
+    a, b = controllers()[:2]
+    with new_domain("iommufd") as domain, allocate(PAGE_2M) as mem:
+        assert isinstance(domain, IommufdDomain)
+        da = open_device(a.address, domain=domain)
+        db = open_device(b.address, domain=domain)
+        m = domain.map(mem.vaddr, PAGE_2M)
+        for k, d in enumerate((da, db)):
+            base = k * 64 * 1024
+            out = nvme.identify_controller(d, placement(mem.vaddr + base, m.iova + base))
+            assert out[4:24].decode().strip() == f"uvdma{k:04d}"
+            nvme.disable(d)
+        da.close()  # detached from the IOAS, cdev closed; the IOAS and b stay
+        out = nvme.identify_controller(db, placement(mem.vaddr, m.iova))
+        assert out[4:24].decode().strip() == "uvdma0001"
+        nvme.disable(db)
+        db.close()
+        domain.unmap(m)
+
+
+@pytest.mark.backends("iommufd")
+def test_type1_still_works_beside_iommufd_on_the_built_kernel() -> None:
+    with open_device(controllers()[0].address, backend="type1") as d, allocate(PAGE_2M) as mem:
+        m = d.domain.map_memory(mem)
+        out = nvme.identify_controller(d, placement(mem.vaddr, m.iova))
+        assert out[4:24].decode().strip() == "uvdma0000"
+        nvme.disable(d)
+        d.domain.unmap(m)
+
+
+# -- no-IOMMU mode only -----------------------------------------------------------------------
+
+
+@pytest.mark.backends("noiommu")
+def test_no_iommu_groups_and_an_iommu_backend_is_refused_clearly() -> None:
+    c = controllers()[0]
+    assert c.iommu_group is not None
+    assert (Path("/sys/kernel/iommu_groups") / str(c.iommu_group) / "name").read_text().strip() == (
+        "vfio-noiommu"
+    )
+    assert Path(f"/dev/vfio/noiommu-{c.iommu_group}").exists()
+    with pytest.raises(PciError, match="no-IOMMU group"):
+        open_device(c.address, backend="type1")
+
+
+@pytest.mark.backends("noiommu")
+def test_placement_below_an_impossible_limit_is_a_clear_error(dev: VfioDevice) -> None:
+    domain = dev.domain
+    assert isinstance(domain, NoIommuContainer)
+    free = int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
+    with pytest.raises(IovaExhaustedError, match=r"below 0x1fffff: \d+ free hugepage"):
+        domain.alloc_below(PAGE_2M, PAGE_2M - 1)  # no hugepage starts at physical 0
+    after = int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
+    assert after == free  # every page probed went back
+    with allocate(PAGE_2M) as mem:
+        phys = physical_address(mem.vaddr)
+        with pytest.raises(IovaExhaustedError, match="no IOMMU can remap it"):
+            domain.map_memory(mem, windows=[(0, phys - 1)])
+        assert domain.mappings() == []
