@@ -66,6 +66,20 @@ def sim_driver(
             ctrl.close()
 
 
+@contextlib.contextmanager
+def open_controller(
+    device: str, config: SimConfig | None = None, **controller: Any
+) -> Iterator[tuple[Controller, NvmeSim | None]]:
+    """What the example programs' ``--device`` names: a PCI address (bound to vfio-pci), or
+    ``sim`` for the software controller.  Yields (controller, the sim or None)."""
+    if device == "sim":
+        with sim_driver(config, **controller) as (ctrl, sim):
+            yield ctrl, sim
+    else:
+        with Controller.open(device, **controller) as ctrl:
+            yield ctrl, None
+
+
 def driver_path(
     ctrl: Controller, sim: NvmeSim, qd: int, bs: int, ios: int, batch: int = 0
 ) -> float:

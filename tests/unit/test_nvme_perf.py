@@ -1,0 +1,376 @@
+"""Issue 10 on the software controller (uvdma_nvme.sim): the batch API and reap's list, the
+checks kept on the fast path, PRP lists, worker processes (--jobs), and perf.py's and
+rw.py's output.  Driver logic only; the same claims against QEMU's controller are in
+tests/vm/test_nvme.py.  Timing goals are a benchmark (uvdma_nvme.bench), never asserted."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from uvdma.dma import DmaBuffer
+from uvdma.testing.fake_kernel import FakeKernel
+from uvdma.vfio import open_device
+from uvdma_nvme import (
+    IO_READ,
+    IO_WRITE,
+    CommandTimeoutError,
+    Controller,
+    NvmeError,
+    pattern,
+)
+from uvdma_nvme.jobs import run_jobs
+from uvdma_nvme.prp import PRP_ENTRIES, fill_run
+from uvdma_nvme.queue import QueuePair
+from uvdma_nvme.sim import BDF, NvmeSim, SimConfig, SimNamespace, sim_controller
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "nvme"
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[tuple[FakeKernel, NvmeSim, Controller]]:
+    cfg = SimConfig(namespaces=(SimNamespace(1, 1 << 16, 512),), queues=8)
+    with sim_controller(tmp_path, cfg) as (k, sim):
+        ctrl = Controller(open_device(BDF, sysfs=tmp_path, backend="type1"), command_timeout=0.3)
+        try:
+            yield k, sim, ctrl
+        finally:
+            ctrl.close()
+            assert k.open_kinds() == [] and k.pinned == 0  # everything given back
+
+
+def test_a_batch_rings_the_doorbell_once_and_reap_returns_what_completed(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=64)[0]
+    with DmaBuffer(ctrl.dma, 8 * 4096) as buf:
+        view = np.frombuffer(buf.cpu, dtype=np.uint8)
+        data = pattern(512, 100, 64)
+        view[:] = data
+        sim.reset_cost()
+        writes = q.io_batch(
+            IO_WRITE, ns, [(100 + 8 * i, 8, buf.dma + 4096 * i) for i in range(8)], "w"
+        )
+        assert sim.sq_doorbell_writes == 1  # eight commands, one doorbell write
+        assert sim.io_commands == 8 and q.outstanding == 8
+        got = q.reap()
+        assert sorted(r.cid for r in got) == sorted(r.cid for r in writes)
+        assert all(r.done and r.status == 0 for r in got)
+        assert sim.cq_doorbell_writes == 1  # one reap, one CQ head doorbell
+        q.release_all(got)
+        assert q.outstanding == 0
+        assert q.reap() == []  # nothing new: an empty list
+        assert bytes(sim.namespace_data()[100 * 512 : 164 * 512]) == data.tobytes()
+        view[:] = 0
+        reads = q.io_batch(
+            IO_READ, ns, [(100 + 8 * i, 8, buf.dma + 4096 * i) for i in range(8)], "r"
+        )
+        got = q.reap()
+        assert {r.cid for r in got} == {r.cid for r in reads}
+        for r in got:
+            assert q.result(r) == 0
+        q.release_all(got)
+        assert np.array_equal(view, data)
+
+
+def test_a_batch_that_cannot_all_go_submits_none(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=4)[0]  # 3 commands at most
+    with DmaBuffer(ctrl.dma, 4 * 4096) as buf:
+        sim.reset_cost()
+        good = [(8 * i, 8, buf.dma + 4096 * i) for i in range(3)]
+        with pytest.raises(NvmeError, match="outside namespace 1"):
+            q.io_batch(IO_READ, ns, [*good[:2], (ns.blocks, 8, buf.dma)], "r")
+        with pytest.raises(NvmeError, match="MDTS"):
+            q.io_batch(IO_READ, ns, [*good[:2], (0, 1 << 12, buf.dma)], "r")
+        with pytest.raises(NvmeError, match="not mapped"):
+            q.io_batch(IO_READ, ns, [*good[:2], (0, 8, 0xDEAD0000)], "r")
+        with pytest.raises(NvmeError, match="must be an integer"):
+            q.io_batch(IO_READ, ns, [*good[:2], (1.5, 8, buf.dma)], "r")  # type: ignore[list-item]
+        with pytest.raises(NvmeError, match=r"queue \d+ is full.*4 more asked"):
+            q.io_batch(IO_READ, ns, [*good, (0, 8, buf.dma)], "r")
+        assert sim.sq_doorbell_writes == 0 and sim.io_commands == 0 and q.outstanding == 0
+        q.release_all(q.io_batch(IO_READ, ns, good, "r") and q.reap())  # all three fit
+        assert q.outstanding == 0
+
+
+def test_release_all_refuses_what_is_still_in_flight(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=8)[0]
+    with DmaBuffer(ctrl.dma, 4096) as buf:
+        sim.hold(q.qid)
+        held = q.io(IO_READ, ns, 0, 8, buf.dma, "held")
+        assert q.reap() == []
+        with pytest.raises(NvmeError, match="not a finished request"):
+            q.release_all([held])
+        assert q.outstanding == 1  # nothing given back
+        sim.release(q.qid)
+        sim.complete()
+        assert q.reap() == [held]
+        q.release_all([held])
+        assert q.outstanding == 0
+
+
+def test_the_mapped_range_check_holds_after_an_unmap(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=8)[0]
+    mem = mmap.mmap(-1, 1 << 16)
+    vaddr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    domain = ctrl.vfio.domain
+    m = domain.map(vaddr, 1 << 16)
+    try:
+        q.complete(q.io(IO_READ, ns, 0, 8, m.iova, "ok"))  # mapped: accepted (remembered)
+        q.complete(q.io(IO_READ, ns, 0, 8, m.iova + 8192, "ok"))
+        with pytest.raises(NvmeError, match="not mapped"):  # past the mapping's end
+            q.io(IO_READ, ns, 0, 16, m.iova + (1 << 16) - 4096, "past the end")
+    finally:
+        domain.unmap(m)
+    sim.reset_cost()
+    with pytest.raises(NvmeError, match="not mapped"):
+        q.io(IO_READ, ns, 0, 8, m.iova, "after the unmap")
+    assert q.outstanding == 0 and sim.sq_doorbell_writes == 0
+    del vaddr
+    with contextlib.suppress(BufferError):
+        mem.close()
+
+
+def test_every_fast_path_check_stays(rig: tuple[FakeKernel, NvmeSim, Controller]) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=3)[0]
+    with DmaBuffer(ctrl.dma, 8192) as buf:
+        sim.reset_cost()
+        for args, match in (
+            ((-1, 8), "outside namespace"),
+            ((ns.blocks - 4, 8), "outside namespace"),
+            ((0, 0), "outside namespace"),
+            ((True, 8), "must be an integer"),
+            (("0", 8), "must be an integer"),
+            ((0, 1 << 12), "MDTS"),
+        ):
+            with pytest.raises(NvmeError, match=match):
+                q.io(IO_READ, ns, args[0], args[1], buf.dma, "bad")  # type: ignore[arg-type]
+        assert sim.sq_doorbell_writes == 0 and q.outstanding == 0
+        sim.hold(q.qid)
+        a = q.io(IO_READ, ns, np.int64(0), 8, buf.dma, "numpy LBA")
+        b = q.io(IO_READ, ns, 8, 8, buf.dma + 4096, "b")
+        with pytest.raises(NvmeError, match="is full"):
+            q.io(IO_READ, ns, 16, 8, buf.dma, "c")
+        sim.release(q.qid)
+        sim.complete()
+        q.release_all(q.reap())
+        assert a.state == b.state == 0
+
+
+def test_prp_runs_by_exact_value() -> None:
+    entries = np.zeros(PRP_ENTRIES, dtype=np.uint64)
+    for n in (1, 3, 16, 17, 100, PRP_ENTRIES):  # struct below 17 entries, numpy above
+        entries[:] = 7
+        fill_run(entries, 0xA000_0000_0000, n)
+        want = [0xA000_0000_0000 + 4096 * i for i in range(n)]
+        assert entries[:n].tolist() == want
+        assert (entries[n:] == 7).all()  # nothing past the run
+
+
+def test_transfers_with_prp_lists_on_the_fast_path(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=8)[0]
+    with DmaBuffer(ctrl.dma, 1 << 17) as buf:
+        view = np.frombuffer(buf.cpu, dtype=np.uint8)
+        for off, size in ((0, 8192), (512, 8192), (0, 3 * 4096), (2048, 1 << 16), (0, 1 << 17)):
+            data = pattern(512, 7, size // 512, seed=off + size)
+            view[off : off + size] = data
+            q.complete(q.io(IO_WRITE, ns, 7, size // 512, buf.dma + off, "w"))
+            assert bytes(sim.namespace_data()[7 * 512 : 7 * 512 + size]) == data.tobytes()
+            view[:] = 0
+            q.complete(q.io(IO_READ, ns, 7, size // 512, buf.dma + off, "r"))
+            assert np.array_equal(view[off : off + size], data)
+
+
+# -- worker processes ---------------------------------------------------------------------
+def test_workers_each_drive_their_own_queue(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    queues = ctrl.create_io_queues(3, depth=8)
+    bufs = [DmaBuffer(ctrl.dma, 1 << 16) for _ in queues]
+
+    def work(i: int, q: QueuePair) -> dict[str, Any]:
+        data = pattern(512, 1000 * i, 128, seed=i)
+        np.frombuffer(bufs[i].cpu, dtype=np.uint8)[:] = data
+        q.write(ns, 1000 * i, bufs[i])
+        refused = []
+        for what, call in (
+            ("admin", ctrl.identify_controller),
+            ("queues", lambda: ctrl.create_io_queues(1)),
+            ("another's queue", queues[(i + 1) % 3].reap),
+            ("alloc", lambda: q.read(ns, 0, np.zeros(512, dtype=np.uint8))),
+            ("reset", lambda: ctrl.reset("a worker tries")),
+        ):
+            try:
+                call()
+            except NvmeError as e:
+                refused.append((what, str(e)))
+        return {"pid": os.getpid(), "refused": refused}
+
+    jobs = run_jobs(ctrl, queues, work, max_bytes=1 << 16)
+    assert [j.ok for j in jobs] == [True] * 3, [j.error for j in jobs]
+    assert len({j.pid for j in jobs} | {os.getpid()}) == 4
+    for j in jobs:
+        assert j.result is not None
+        refused = dict(j.result["refused"])
+        assert set(refused) == {"admin", "queues", "another's queue", "alloc", "reset"}
+        assert "admin queue" in refused["admin"]
+        assert "handed to" in refused["another's queue"]
+        assert "cannot be allocated in a worker" in refused["alloc"]
+    # the parent: what the workers wrote is on the medium; their queues are theirs
+    for i in range(3):
+        want = pattern(512, 1000 * i, 128, seed=i).tobytes()
+        assert bytes(sim.namespace_data()[1000 * i * 512 : (1000 * i + 128) * 512]) == want
+    with pytest.raises(NvmeError, match="handed to worker process"):
+        queues[0].reap()
+    q = ctrl.create_io_queues(1)[0]  # the parent still runs the controller
+    back = np.zeros(128 * 512, dtype=np.uint8)
+    q.read(ns, 2000, back)
+    assert back.tobytes() == pattern(512, 2000, 128, seed=2).tobytes()
+    for b in bufs:
+        b.free()
+
+
+def test_a_worker_killed_takes_nothing_down(rig: tuple[FakeKernel, NvmeSim, Controller]) -> None:
+    _k, _sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    queues = ctrl.create_io_queues(3, depth=8)
+    bufs = [DmaBuffer(ctrl.dma, 4096) for _ in queues]
+
+    def work(i: int, q: QueuePair) -> dict[str, Any]:
+        for n in range(200):
+            q.complete(q.io(IO_READ, ns, 8 * n, 8, bufs[i].dma, "r"))
+            if i == 1 and n == 50:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return {"done": 200}
+
+    jobs = run_jobs(ctrl, queues, work, max_bytes=4096)
+    assert [j.ok for j in jobs] == [True, False, True]
+    assert jobs[1].signal == signal.SIGKILL and "SIGKILL" in (jobs[1].error or "")
+    assert jobs[0].result == jobs[2].result == {"done": 200}
+    q = ctrl.create_io_queues(1)[0]
+    q.read(ns, 0, np.zeros(4096, dtype=np.uint8))  # the controller is fine
+    for b in bufs:
+        b.free()
+
+
+def test_a_worker_timeout_keeps_the_command_and_its_memory(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    queues = ctrl.create_io_queues(1, depth=8)
+    buf = DmaBuffer(ctrl.dma, 4096)
+
+    def work(_i: int, q: QueuePair) -> dict[str, Any]:
+        sim.hold(q.qid)  # this process's copy of the controller holds the command
+        req = q.io(IO_READ, ns, 0, 8, buf.dma, "a slow read")
+        try:
+            q.complete(req, timeout=0.2)
+        except CommandTimeoutError as e:
+            msg = str(e)
+        outstanding = q.outstanding
+        sim.complete()  # the device finishes it after all
+        q.reap()
+        return {"msg": msg, "outstanding": outstanding, "after": q.outstanding}
+
+    (job,) = run_jobs(ctrl, queues, work, max_bytes=4096)
+    assert job.ok, job.error
+    assert job.result is not None
+    assert "cannot abort or reset" in job.result["msg"]
+    assert job.result["outstanding"] == 1  # not given back while the device may use it
+    assert job.result["after"] == 0  # its completion frees the slot
+    assert ctrl.resets == []  # nobody reset the controller
+    buf.free()
+
+
+# -- the programs -------------------------------------------------------------------------
+def _program(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--device", "sim", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_perf_json_on_the_software_controller() -> None:
+    p = _program("perf.py", "--qd", "8", "--count", "20000", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["ios"] == 20000 and r["iops"] > 0 and r["qd"] == 8
+    assert r["anchor_ns"] > 0 and r["driver_ns_per_io"] > 0 and r["device_ns_per_io"] > 0
+    assert r["driver_x_anchor"] == pytest.approx(r["driver_ns_per_io"] / r["anchor_ns"], 0.01)
+    assert 7.0 <= r["mean_qd"] <= 8.0  # full depth in flight (Little's law)
+    assert set(r["lat_us"]) == {"p50", "p99", "p999", "mean"}
+    assert "\r" not in p.stderr  # stderr is not a terminal either
+
+
+def test_perf_batch_and_jobs() -> None:
+    p = _program(
+        "perf.py", "--qd", "16", "--batch", "8", "--count", "8000", "--jobs", "2", "--json"
+    )
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert [j["job"] for j in r["jobs"]] == [0, 1]
+    assert all(j["ios"] == 8000 and j["iops"] > 0 and j["driver_ns_per_io"] > 0 for j in r["jobs"])
+    assert len({j["pid"] for j in r["jobs"]}) == 2
+    assert r["ios"] == 16000 and r["iops"] == pytest.approx(sum(j["iops"] for j in r["jobs"]), 0.01)
+    assert r["batch"] == 8 and r["mean_qd"] > 16  # two jobs of 16
+
+
+def test_perf_progress_in_a_log_is_one_line_a_second() -> None:
+    p = _program("perf.py", "--qd", "4", "--seconds", "3.5")
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stdout
+    lines = p.stdout.splitlines()
+    progress = [ln for ln in lines if ln.startswith("randread qd 4:") and " s, " in ln]
+    assert 3 <= len(progress) <= 4, lines
+    assert "IOPS" in lines[-4] and "mean queue depth achieved" in p.stdout
+
+
+def test_perf_refuses_a_batch_deeper_than_the_queue() -> None:
+    p = _program("perf.py", "--qd", "4", "--batch", "8")
+    assert p.returncode == 2 and "--batch 8: at most --qd" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_rw_jobs_each_write_their_range_and_all_verify() -> None:
+    p = _program("rw.py", "--blocks", "300", "--jobs", "3", "--lba", "10")
+    assert p.returncode == 0, p.stderr
+    assert "job 2 (pid" in p.stdout and "LBAs 610..909 verified" in p.stdout
+    assert "verified: 3 jobs x 300 LBAs" in p.stdout
