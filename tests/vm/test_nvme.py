@@ -11,11 +11,13 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +25,9 @@ import pytest
 from tests.support.vm import bind_back
 from uvdma import pci
 from uvdma.dma import DmaBuffer
-from uvdma_nvme import IO_READ, CommandTimeoutError, Controller, NvmeError, pattern
+from uvdma_nvme import IO_READ, IO_WRITE, CommandTimeoutError, Controller, NvmeError, pattern
+from uvdma_nvme.jobs import run_jobs
+from uvdma_nvme.queue import QueuePair
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,7 +127,7 @@ def test_queue_and_data_memory_honour_the_dma_mask(bits: int) -> None:
         q = c.create_io_queues(1, depth=64)[0]
         for qp in (c.admin, q):
             for r in (qp.sq, qp.cq):
-                assert r.dma_handle + r.size - 1 <= mask
+                assert r.dma_addr + r.size - 1 <= mask
         data = pattern(ns.lba_size, 77, 64)
         q.write(ns, 77, data)
         back = np.zeros_like(data)
@@ -296,3 +300,110 @@ def test_the_programs_run(tmp_path: Path) -> None:
         env=env,
     )
     assert bad.returncode == 1 and "namespace 9 does not exist" in bad.stderr
+
+
+# -- more than one core: worker processes forked after bring-up (issue 10 item 4) ---------
+def test_what_worker_processes_write_reads_back(ctrl: Controller) -> None:
+    ns = ctrl.namespace(1)
+    queues = ctrl.create_io_queues(4, depth=16)
+    mine, theirs = queues[-1], queues[:-1]
+    blocks = 2048  # 1 MiB each: split at MDTS, PRP lists
+    bufs = [DmaBuffer(ctrl.dma, blocks * ns.lba_size) for _ in theirs]
+
+    def work(i: int, q: QueuePair) -> dict[str, Any]:
+        first = 50_000 + i * blocks
+        data = pattern(ns.lba_size, first, blocks, seed=i)
+        view = np.frombuffer(bufs[i].cpu, dtype=np.uint8)
+        view[:] = data
+        q.write(ns, first, bufs[i])
+        view[:] = 0
+        q.read(ns, first, bufs[i])
+        return {"pid": os.getpid(), "same": bool(np.array_equal(view, data))}
+
+    jobs = run_jobs(ctrl, theirs, work, max_bytes=ctrl.max_transfer)
+    assert [j.ok for j in jobs] == [True] * 3, [j.error for j in jobs]
+    assert all(j.result is not None and j.result["same"] for j in jobs)
+    assert len({j.pid for j in jobs} | {os.getpid()}) == 4  # three other processes
+    for i in range(3):  # on the medium: the parent reads each range back itself
+        first = 50_000 + i * blocks
+        back = np.zeros(blocks * ns.lba_size, dtype=np.uint8)
+        mine.read(ns, first, back)
+        assert np.array_equal(back, pattern(ns.lba_size, first, blocks, seed=i))
+    for b in bufs:
+        b.free()
+
+
+def test_a_worker_killed_mid_io_takes_neither_the_others_nor_the_controller_down(
+    ctrl: Controller,
+) -> None:
+    ns = ctrl.namespace(1)
+    queues = ctrl.create_io_queues(3, depth=16)
+    bufs = [DmaBuffer(ctrl.dma, 8 * 65536) for _ in queues]
+
+    def work(i: int, q: QueuePair) -> dict[str, Any]:
+        first = 200_000 + i * 100_000
+        data = pattern(ns.lba_size, first, 1024, seed=7 + i)
+        np.frombuffer(bufs[i].cpu, dtype=np.uint8)[:] = data
+        for rnd in range(20):  # heavy writes: 8 x 64 KiB in flight at a time
+            reqs = [
+                q.io(IO_WRITE, ns, first + 128 * k, 128, bufs[i].dma + 65536 * k, "w")
+                for k in range(8)
+            ]
+            if i == 1 and rnd == 5:
+                os.kill(os.getpid(), signal.SIGKILL)  # with eight writes in flight
+            for r in reqs:
+                q.complete(r)
+        return {"rounds": 20}
+
+    jobs = run_jobs(ctrl, queues, work, max_bytes=65536)
+    assert [j.ok for j in jobs] == [True, False, True], [j.error for j in jobs]
+    assert jobs[1].signal == signal.SIGKILL
+    # the controller is fine: admin commands, a new queue, what the survivors wrote
+    assert ctrl.identify_controller().MN.startswith(b"QEMU")
+    q = ctrl.create_io_queues(1)[0]
+    for i in (0, 2):
+        first = 200_000 + i * 100_000
+        back = np.zeros(1024 * ns.lba_size, dtype=np.uint8)
+        q.read(ns, first, back)
+        assert np.array_equal(back, pattern(ns.lba_size, first, 1024, seed=7 + i))
+    assert ctrl.resets == []
+    for b in bufs:
+        b.free()
+
+
+def test_the_programs_run_with_jobs() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for args, expect in (
+        (
+            ["rw.py", "--device", bdf(), "--lba", "300000", "--blocks", "512", "--jobs", "3"],
+            "verified: 3 jobs x 512 LBAs",
+        ),
+        (
+            ["perf.py", "--device", bdf(), "--qd", "8", "--count", "2000", "--jobs", "2", "--json"],
+            '"jobs"',
+        ),
+        (
+            [
+                "perf.py",
+                "--device",
+                bdf(),
+                "--qd",
+                "16",
+                "--batch",
+                "8",
+                "--count",
+                "2000",
+                "--json",
+            ],
+            '"mean_qd"',
+        ),
+    ):
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "examples/nvme" / args[0]), *args[1:]],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert r.returncode == 0 and expect in r.stdout, r.stdout + r.stderr

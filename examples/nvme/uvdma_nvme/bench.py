@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import functools
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -188,13 +189,63 @@ def measure(ios: int = 100_000, runs: int = 3) -> dict[str, Any]:
     }
 
 
+PERF = Path(__file__).resolve().parents[1] / "perf.py"
+
+
+def perf_table(
+    qds: tuple[int, ...] = (1, 32, 128),
+    sizes: tuple[int, ...] = (4096, 65536, 131072),
+    count: int = 50_000,
+    runs: int = 3,
+    batch: int = 0,
+) -> list[dict[str, Any]]:
+    """perf.py --device sim --json per queue depth and transfer size: its whole loop's
+    driver_ns_per_io, best of ``runs`` by the ratio to each run's own anchor."""
+    rows = []
+    for bs in sizes:
+        for qd in qds:
+            best: dict[str, Any] | None = None
+            for _ in range(runs):
+                cmd = [sys.executable, str(PERF), "--device", "sim", "--qd", str(qd)]
+                cmd += ["--bs", str(bs), "--count", str(count), "--json"]
+                if batch:
+                    cmd += ["--batch", str(min(batch, qd))]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
+                if best is None or r["driver_x_anchor"] < best["driver_x_anchor"]:
+                    best = r
+            assert best is not None  # runs >= 1
+            rows.append(
+                {
+                    k: best[k]
+                    for k in (
+                        "bs",
+                        "qd",
+                        "batch",
+                        "driver_ns_per_io",
+                        "anchor_ns",
+                        "driver_x_anchor",
+                        "device_ns_per_io",
+                        "mean_qd",
+                    )
+                }
+            )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ios", type=int, default=100_000, help="I/Os per measurement")
     parser.add_argument("--runs", type=int, default=3, help="best of this many")
+    parser.add_argument(
+        "--perf-table", action="store_true", help="also perf.py's loop by queue depth and size"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     out = measure(args.ios, args.runs)
+    if args.perf_table:
+        out["perf"] = perf_table(runs=args.runs) + perf_table(
+            qds=(32, 128), sizes=(4096,), runs=args.runs, batch=32
+        )
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -202,6 +253,16 @@ def main() -> int:
     for k, v in out.items():
         if isinstance(v, dict):
             print(f"{k:>20}: {v['ns']:8.1f} ns  {v['x_anchor']:6.2f}x anchor")
+    if args.perf_table:
+        print()
+        print("| transfer | QD | batch | driver + loop ns/IO | x anchor | device ns/IO | mean QD |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in out["perf"]:
+            print(
+                f"| {r['bs'] // 1024} KiB | {r['qd']} | {r['batch'] or '-'} | "
+                f"{r['driver_ns_per_io']:.0f} | {r['driver_x_anchor']:.1f} | "
+                f"{r['device_ns_per_io']:.0f} | {r['mean_qd']:.1f} |"
+            )
     return 0
 
 

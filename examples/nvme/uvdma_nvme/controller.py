@@ -302,8 +302,8 @@ class Controller:
         self._wait_ready(False)
         d = self.admin.depth - 1  # 0's based
         self.bar.write32(Reg.AQA, AQA(ASQS=d, ACQS=d).value)
-        self.bar.write64(Reg.ASQ, self.admin.sq.dma_handle)
-        self.bar.write64(Reg.ACQ, self.admin.cq.dma_handle)
+        self.bar.write64(Reg.ASQ, self.admin.sq.dma_addr)
+        self.bar.write64(Reg.ACQ, self.admin.cq.dma_addr)
         # 64-byte SQEs and 16-byte CQEs, 4 KiB pages, round robin, the NVM command set
         cc = CC(EN=1, CSS=0, MPS=0, AMS=0, SHN=0, IOSQES=6, IOCQES=4)
         self.bar.write32(Reg.CC, cc.value)
@@ -325,14 +325,14 @@ class Controller:
         cq_flags = 0x1 | (0x2 if vector is not None else 0)  # PC=1, IEN when interrupts
         self.admin.run(
             AdminOpcode.CREATE_IO_CQ,
-            prp1=q.cq.dma_handle,
+            prp1=q.cq.dma_addr,
             cdw=(((q.depth - 1) << 16) | q.qid, ((vector or 0) << 16) | cq_flags),
             what=f"Create I/O CQ {q.qid}",
         )
         try:
             self.admin.run(
                 AdminOpcode.CREATE_IO_SQ,
-                prp1=q.sq.dma_handle,
+                prp1=q.sq.dma_addr,
                 cdw=(((q.depth - 1) << 16) | q.qid, (q.qid << 16) | 0x1),
                 what=f"Create I/O SQ {q.qid}",
             )
@@ -724,7 +724,7 @@ class Controller:
     def pool_stats(self) -> dict[str, int]:
         """The DMA atomic pools' sizes (debugfs dma_pools/)."""
         self._check_usable()
-        return self.dma.ctx.pools.stats()
+        return self.dma.dma_domain.pools.stats()
 
 
 def _unmap_no_sync(dev: DmaDevice, t: _Transfer) -> None:

@@ -15,7 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,7 @@ from uvdma.dma import (
     GFP_KERNEL,
     DmaBuffer,
     DmaDevice,
+    DmaRegion,
     dma_alloc_coherent,
     dma_free_coherent,
 )
@@ -47,17 +48,10 @@ _RW_SQE = struct.Struct("<II16xQQQI12x")
 _PAGE_MASK = PAGE - 1
 
 
-class QueueMemory(NamedTuple):
-    """Coherent DMA memory of a queue: where the CPU and the device see it, and its size."""
-
-    cpu_addr: int
-    dma_handle: int
-    size: int
-
-
-def _region(dev: DmaDevice, size: int) -> QueueMemory:
+def _region(dev: DmaDevice, size: int) -> DmaRegion:
+    """Coherent DMA memory for a queue, with its size (the DMA API's typed region)."""
     cpu, dma = dma_alloc_coherent(dev, size, GFP_KERNEL)
-    return QueueMemory(cpu, dma, size)
+    return DmaRegion(cpu, dma, size)
 
 
 FREE, INFLIGHT, DONE, FAILED = 0, 1, 2, 3
@@ -126,7 +120,7 @@ class QueuePair:
         try:
             self.cq = _region(dev, 16 * depth)  # 16-byte CQEs
         except BaseException:
-            dma_free_coherent(dev, self.sq.size, self.sq.cpu_addr, self.sq.dma_handle)
+            dma_free_coherent(dev, self.sq.size, self.sq.cpu_addr, self.sq.dma_addr)
             raise
         stride = 4 << ctrl.dstrd  # NVMe 2.0, 3.1.4.21: doorbell stride from CAP.DSTRD
         self._sq_doorbell = ctrl.bar.reg32(DOORBELLS + (2 * qid) * stride)  # checked once here
@@ -709,7 +703,7 @@ class QueuePair:
                 self.ctrl.prp_pool.free(vaddr, dma)
             req.lists.clear()
         for r in (self.cq, self.sq):
-            dma_free_coherent(self.ctrl.dma, r.size, r.cpu_addr, r.dma_handle)
+            dma_free_coherent(self.ctrl.dma, r.size, r.cpu_addr, r.dma_addr)
 
     def __repr__(self) -> str:
         return f"QueuePair(qid {self.qid}, depth {self.depth}, {self.outstanding} outstanding)"
