@@ -36,12 +36,13 @@ from dataclasses import dataclass
 
 from uvdma.dma.gfp import PAGE_SHIFT, PAGE_SIZE
 from uvdma.dma.region import DmaRegion
-from uvdma.dma.zones import U64_MAX, Window, Zone, zone_windows
+from uvdma.dma.zones import U64_MAX, Zone, zone_windows
 from uvdma.errors import ClosedError, IovaExhaustedError, UvdmaError, UvdmaOSError
 from uvdma.genalloc import GenPool, first_fit_order_align
 from uvdma.memory import hugepages
 from uvdma.memory.hugepages import PAGE_2M, HugeMemory, allocate
 from uvdma.vfio.domain import DmaMapping, IommuDomain
+from uvdma.vfio.iova import Window
 
 CHUNK = PAGE_2M
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 import enum
 
 from uvdma.dma.gfp import __GFP_DMA, __GFP_DMA32
+from uvdma.vfio.iova import Window
 
 U64_MAX = (1 << 64) - 1
-#: An IOVA window, both ends inclusive: [lo, hi].
-Window = tuple[int, int]
 
 
 class Zone(enum.Enum):

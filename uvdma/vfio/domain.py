@@ -27,7 +27,7 @@ from typing import Protocol
 
 from uvdma.errors import ClosedError, DeviceReleasedError, DmaMapError, DomainInUseError
 from uvdma.memory.hugepages import HugeMemory
-from uvdma.vfio.iova import ANYWHERE, IovaSpace
+from uvdma.vfio.iova import ANYWHERE, IovaSpace, Window
 
 __all__ = ["DmaMapError", "DmaMapping", "DomainUser", "IommuDomain"]
 
@@ -97,7 +97,7 @@ class IommuDomain:
             )
 
     # -- what a backend supplies ----------------------------------------------------------
-    def iova_ranges(self) -> list[tuple[int, int]]:
+    def iova_ranges(self) -> list[Window]:
         """Usable IOVA ranges, (start, last) inclusive, as the kernel reports them."""
         raise NotImplementedError
 
@@ -144,7 +144,7 @@ class IommuDomain:
         read: bool = True,
         write: bool = True,
         align: int | None = None,
-        windows: Sequence[tuple[int, int]] = ANYWHERE,
+        windows: Sequence[Window] = ANYWHERE,
     ) -> DmaMapping:
         """Map ``size`` bytes at ``vaddr`` for DMA; at ``iova``, or at one chosen inside the
         first of ``windows`` (each [lo, hi], inclusive) that has room, aligned to ``align``.
@@ -187,7 +187,7 @@ class IommuDomain:
         self,
         mem: HugeMemory,
         *,
-        windows: Sequence[tuple[int, int]] = ANYWHERE,
+        windows: Sequence[Window] = ANYWHERE,
         read: bool = True,
         write: bool = True,
     ) -> DmaMapping:

@@ -27,6 +27,11 @@ class IovaRange(NamedTuple):
     last: int
 
 
+#: A window an IOVA may be chosen in: (lo, hi), both ends inclusive.
+Window = tuple[int, int]
+#: A free run of the allocator: [start, end), end exclusive.
+_Run = tuple[int, int]
+
 MSI_WINDOW = IovaRange(0xFEE0_0000, 0xFEEF_FFFF)  # x86: writes here are interrupts, not memory
 #: The whole IOVA space as one window.
 ANYWHERE: tuple[IovaRange, ...] = (IovaRange(0, U64_MAX),)
@@ -35,19 +40,20 @@ ANYWHERE: tuple[IovaRange, ...] = (IovaRange(0, U64_MAX),)
 class IovaSpace:
     """Free IOVA ranges of one domain; hands out aligned ranges within windows. Thread-safe.
 
-    ``ranges`` are the usable ranges as (start, last) with ``last`` inclusive.
+    ``ranges`` are the usable ranges as (start, last) with ``last`` inclusive; the ones left
+    after the reserved holes are in :attr:`ranges` as :class:`IovaRange`.
     """
 
     def __init__(
         self,
-        ranges: Iterable[tuple[int, int]],
+        ranges: Iterable[Window],
         *,
-        reserved: Iterable[tuple[int, int]] = (MSI_WINDOW,),
+        reserved: Iterable[Window] = (MSI_WINDOW,),
         min_iova: int = 4096,
     ) -> None:
         self._lock = threading.Lock()
         # free list: sorted, disjoint, half-open [start, end)
-        free: list[tuple[int, int]] = []
+        free: list[_Run] = []
         for start, last in sorted(ranges):
             free = _merge(free, max(start, min_iova), last + 1)
         for start, last in reserved:
@@ -57,9 +63,7 @@ class IovaSpace:
         self._used: dict[int, int] = {}
         self.ranges = [IovaRange(s, e - 1) for s, e in free]
 
-    def alloc(
-        self, size: int, align: int = 4096, windows: Sequence[tuple[int, int]] = ANYWHERE
-    ) -> int:
+    def alloc(self, size: int, align: int = 4096, windows: Sequence[Window] = ANYWHERE) -> int:
         """An IOVA for ``size`` bytes aligned to ``align``, wholly inside the first of
         ``windows`` that has room (each window [lo, hi], inclusive)."""
         if size <= 0 or align <= 0 or align & (align - 1):
@@ -78,9 +82,7 @@ class IovaSpace:
             "longer need, or allow a wider DMA mask"
         )
 
-    def fits(
-        self, size: int, align: int = 4096, windows: Sequence[tuple[int, int]] = ANYWHERE
-    ) -> bool:
+    def fits(self, size: int, align: int = 4096, windows: Sequence[Window] = ANYWHERE) -> bool:
         """Whether :meth:`alloc` with these arguments would succeed now (taking nothing):
         the check to make before allocating memory that would have nowhere to go."""
         if size <= 0 or align <= 0 or align & (align - 1):
@@ -136,10 +138,10 @@ class IovaSpace:
         self._used[iova] = size
 
 
-def _merge(free: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+def _merge(free: list[_Run], start: int, end: int) -> list[_Run]:
     if start >= end:
         return free
-    out: list[tuple[int, int]] = []
+    out: list[_Run] = []
     for s, e in free:
         if e < start or s > end:
             out.append((s, e))
@@ -149,8 +151,8 @@ def _merge(free: list[tuple[int, int]], start: int, end: int) -> list[tuple[int,
     return sorted(out)
 
 
-def _cut(free: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
+def _cut(free: list[_Run], start: int, end: int) -> list[_Run]:
+    out: list[_Run] = []
     for s, e in free:
         if e <= start or s >= end:
             out.append((s, e))
