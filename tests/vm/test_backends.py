@@ -267,6 +267,10 @@ def test_no_iommu_groups_and_an_iommu_backend_is_refused_clearly() -> None:
     assert Path(f"/dev/vfio/noiommu-{c.iommu_group}").exists()
     with pytest.raises(PciError, match="no-IOMMU group"):
         open_device(c.address, backend="type1")
+    with pytest.warns(NoIommuWarning):
+        open_device(c.address).close()
+    log = subprocess.run(["dmesg"], check=True, capture_output=True, text=True).stdout
+    assert "vfio-noiommu device opened by user" in log  # the kernel says so too
 
 
 @pytest.mark.backends("noiommu")
@@ -283,3 +287,47 @@ def test_placement_below_an_impossible_limit_is_a_clear_error(dev: VfioDevice) -
         with pytest.raises(IovaExhaustedError, match="no IOMMU can remap it"):
             domain.map_memory(mem, windows=[(0, phys - 1)])
         assert domain.mappings() == []
+
+
+def ram_above_4g() -> bool:
+    """Whether the guest has RAM above 4 GiB (``uvdma vm run --memory 3G`` or more)."""
+    for line in Path("/proc/iomem").read_text().splitlines():
+        if line.strip().endswith(": System RAM"):
+            last = int(line.split(":")[0].split("-")[1], 16)
+            if last > U32:
+                return True
+    return False
+
+
+@pytest.mark.backends("noiommu")
+def test_a_32_bit_mask_is_met_by_placing_hugepages_below_4_gib(dev: VfioDevice) -> None:
+    if not ram_above_4g():
+        pytest.skip("all RAM is below 4 GiB in this guest (tools/test gives it --memory 3G)")
+    domain = dev.domain
+    assert isinstance(domain, NoIommuContainer)
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    before = int(nr.read_text())
+    nr.write_text(str(before + 640))  # more than ZONE_NORMAL holds: some land below 4 GiB
+    try:
+        where: list[int] = []  # each free hugepage's physical address, in allocate()'s order
+        held: list[HugeMemory] = []
+        with contextlib.suppress(Exception):
+            while len(held) < 2000:
+                held.append(allocate(PAGE_2M, PAGE_2M, fallback=False))
+                where.append(physical_address(held[-1].vaddr))
+        for mem in held:
+            mem.close()
+        assert any(p > U32 for p in where) and any(p + PAGE_2M - 1 <= U32 for p in where)
+        with domain.alloc_below(PAGE_2M, U32) as mem:
+            phys = physical_address(mem.vaddr)
+            assert phys + PAGE_2M - 1 <= U32
+            m = domain.map_memory(mem, windows=[(0, U32)])
+            assert m.iova == phys
+            out = nvme.identify_controller(dev, placement(mem.vaddr, m.iova))
+            assert out[4:24].decode().strip() == "uvdma0000"  # the device reached it there
+            nvme.disable(dev)
+            domain.unmap(m)
+        with domain.alloc_below(PAGE_2M, U64) as mem:  # no limit: the first page will do
+            assert physical_address(mem.vaddr) in where
+    finally:
+        nr.write_text(str(before))

@@ -53,6 +53,7 @@ def open_fds() -> set[str]:
     return out
 
 
+@pytest.mark.backends("type1")
 def test_backend_is_type1_in_the_debian_guest(dev: VfioDevice) -> None:
     # No CONFIG_IOMMUFD in Debian's kernels: auto picks type1 (see docs/vfio.md).
     assert not Path("/dev/iommu").exists()
@@ -81,6 +82,7 @@ def test_config_space_and_capabilities(dev: VfioDevice) -> None:
     assert dev.irq_info(2).count == msix_table_size
 
 
+@pytest.mark.backends("type1")
 def test_iommu_reports_ranges_without_the_msi_window(dev: VfioDevice) -> None:
     domain = dev.domain
     assert isinstance(domain, Type1Container)
@@ -129,6 +131,7 @@ def test_msix_eventfd_fires_for_the_completion(dev: VfioDevice) -> None:
     dev.disable_irqs()
 
 
+@pytest.mark.backends("type1")
 def test_two_controllers_in_two_groups_share_one_container() -> None:
     a, b = controllers()[:2]
     assert a.iommu_group != b.iommu_group
@@ -227,6 +230,7 @@ def test_zone_dma_runs_out_cleanly(dev: VfioDevice) -> None:
         dev.domain.unmap(again)
 
 
+@pytest.mark.backends("type1")
 def test_mapping_limit_is_a_clear_error() -> None:
     limit = Path("/sys/module/vfio_iommu_type1/parameters/dma_entry_limit")
     saved = limit.read_text()
