@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.counting_kernel import CountingKernel
 from uvdma import _sys, pci
+from uvdma._args import memparse, parse_size
 from uvdma.dma import (
     DMA_BIDIRECTIONAL,
     DMA_BIT_MASK,
@@ -50,7 +51,7 @@ from uvdma.dma import (
 )
 from uvdma.dma.debug import POISON_FREE
 from uvdma.dma.pool import default_pool_size, resolve_pool_size
-from uvdma.dma.region import DmaRegion, SgEntry
+from uvdma.dma.region import DmaAllocation, DmaRegion, SgEntry
 from uvdma.dma.zones import Zone, gfp_zone, zone_for_mask, zone_windows
 from uvdma.errors import ClosedError, SizeError, UvdmaError
 from uvdma.memory import hugepages
@@ -105,6 +106,74 @@ def test_pool_size_from_argument_environment_and_default(monkeypatch: pytest.Mon
     assert default_pool_size(512 * MiB) == 128 * KiB
     assert default_pool_size(8 << 30) == MiB
     assert default_pool_size(64 << 30) == 4 * MiB
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "rest"),
+    [
+        ("512K", 512 * KiB, ""),
+        ("4m", 4 * MiB, ""),
+        ("1G", 1 << 30, ""),
+        ("2T", 2 << 40, ""),
+        ("3P", 3 << 50, ""),
+        ("1E", 1 << 60, ""),
+        ("4096", 4096, ""),
+        ("0x1000", 4096, ""),  # 0x: hexadecimal
+        ("0X10k", 16 * KiB, ""),
+        ("010", 8, ""),  # a leading 0: octal
+        ("08", 0, "8"),  # 8 is no octal digit: reading stops there
+        ("0x", 0, "x"),  # no hex digit after 0x: octal 0, then "x"
+        ("1.5G", 1, ".5G"),  # trailing text ignored
+        ("2Gfoo", 2 << 30, "foo"),
+        ("4KB", 4 * KiB, "B"),  # one suffix letter only
+        ("lots", 0, "lots"),  # no number: 0 and nothing read
+        ("-1G", 0, "-1G"),  # simple_strtoull takes no sign
+        (" 1G", 0, " 1G"),  # nor leading blanks
+        ("", 0, ""),
+    ],
+)
+def test_memparse_reads_sizes_as_the_kernel_does(text: str, value: int, rest: str) -> None:
+    assert memparse(text) == (value, rest)
+
+
+def test_parse_size_refuses_what_has_no_number_or_would_wrap() -> None:
+    assert parse_size("2Gfoo", "x") == 2 << 30
+    assert parse_size("15E", "x") == 15 << 60
+    for bad in ("lots", "", "-1G", "K"):
+        with pytest.raises(SizeError, match=r"cannot read the size .* \(coolant\): write a number"):
+            parse_size(bad, "coolant")
+    for wraps in ("16E", "0x10000000000000000", "9" * 40):
+        with pytest.raises(SizeError, match=r"past 2\*\*64 - 1 bytes"):
+            parse_size(wraps, "coolant")
+
+
+def test_hugetlbfs_pagesize_is_read_by_memparse() -> None:
+    assert [hugepages._parse_pagesize(t) for t in ("2M", "1G", "2097152", "2048k")] == [
+        2 * MiB,
+        1 << 30,
+        2 * MiB,
+        2 * MiB,
+    ]
+
+
+def test_coherent_returns_are_typed_and_still_unpack(dev: DmaDevice) -> None:
+    got = dma_alloc_coherent(dev, 4096)
+    cpu, dma = got  # the kernel's pair, as before
+    assert isinstance(got, DmaAllocation)
+    assert (got.cpu_addr, got.dma_handle) == (cpu, dma)
+    atomic = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)
+    assert isinstance(atomic, DmaAllocation)
+    pool = dma_pool_create("typed", dev, 64)
+    block = pool.alloc()
+    assert isinstance(block, DmaAllocation) and block.dma_handle % 64 == 0
+    pool.free(*block)
+    pool.destroy()
+    with DmaBuffer(dev, 8192) as buf:
+        region = buf.region
+        assert isinstance(region, DmaRegion) and region.size == 8192
+        assert region.allocation == (buf.vaddr, buf.dma)
+    dma_free_coherent(dev, 4096, *atomic)
+    dma_free_coherent(dev, 4096, *got)
 
 
 def test_three_pools_in_their_zones_with_debugfs_sizes(dev: DmaDevice) -> None:
