@@ -157,6 +157,57 @@ def test_the_mapped_range_check_holds_after_an_unmap(
         mem.close()
 
 
+def test_a_remembered_mapping_is_forgotten_at_the_next_unmap(
+    rig: tuple[FakeKernel, NvmeSim, Controller], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the domain counts its unmaps (IommuDomain.unmaps, mapping_at: asked of the DMA
+    layer; emulated here on the real domain), the driver trusts the mapping it found until
+    the next unmap, and asks again after it."""
+    _k, sim, ctrl = rig
+    domain = ctrl.vfio.domain
+    calls = {"mapping_at": 0, "translate": 0}
+    real_unmap, real_translate = domain.unmap, domain.translate
+
+    def mapping_at(iova: int) -> Any:
+        calls["mapping_at"] += 1
+        return next((m for m in domain.mappings() if m.iova <= iova <= m.last), None)
+
+    def unmap(m: Any) -> None:
+        real_unmap(m)
+        domain.unmaps += 1  # type: ignore[attr-defined]
+
+    def translate(iova: int) -> int | None:
+        calls["translate"] += 1
+        return real_translate(iova)
+
+    monkeypatch.setattr(domain, "unmaps", 0, raising=False)
+    monkeypatch.setattr(domain, "mapping_at", mapping_at, raising=False)
+    monkeypatch.setattr(domain, "unmap", unmap)
+    monkeypatch.setattr(domain, "translate", translate)
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=8)[0]
+    mem = mmap.mmap(-1, 1 << 16)
+    vaddr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    m = domain.map(vaddr, 1 << 16)
+    for off in (0, 4096, 8192, 0):
+        q.complete(q.io(IO_READ, ns, 0, 8, m.iova + off, "in the mapping"))
+    assert calls["mapping_at"] == 1 and calls["translate"] == 0  # found once, then trusted
+    if domain.translate(m.iova + (1 << 16)) is None:  # nothing mapped right after it
+        with pytest.raises(NvmeError, match="not mapped"):  # past its end: asked, refused
+            q.io(IO_READ, ns, 0, 16, m.iova + (1 << 16) - 4096, "past the end")
+    domain.unmap(domain.map(vaddr, 4096))  # any unmap: the next I/O asks again
+    calls["mapping_at"] = 1
+    q.complete(q.io(IO_READ, ns, 0, 8, m.iova, "asked again"))
+    assert calls["mapping_at"] == 2
+    domain.unmap(m)
+    sim.reset_cost()
+    with pytest.raises(NvmeError, match="not mapped"):
+        q.io(IO_READ, ns, 0, 8, m.iova, "after its unmap")
+    assert q.outstanding == 0 and sim.sq_doorbell_writes == 0
+    with contextlib.suppress(BufferError):
+        mem.close()
+
+
 def test_every_fast_path_check_stays(rig: tuple[FakeKernel, NvmeSim, Controller]) -> None:
     _k, sim, ctrl = rig
     ns = ctrl.namespace(1)

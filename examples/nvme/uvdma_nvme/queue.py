@@ -31,7 +31,7 @@ from uvdma.dma import (
     dma_free_coherent,
 )
 from uvdma.dma.gfp import DmaDataDirection
-from uvdma.errors import UvdmaError
+from uvdma.errors import ClosedError, UvdmaError
 from uvdma_nvme.errors import CommandError, NvmeError
 from uvdma_nvme.prp import PRP_ENTRIES, fill_prp_lists, plan_prps, prp_list_pages_needed
 from uvdma_nvme.spec import DOORBELLS, PAGE, SQE_FORMAT, IoOpcode
@@ -146,6 +146,8 @@ class QueuePair:
         # the IOMMU mapping the last I/O's memory was in: [lo, end) under the domain's
         # unmap count (an unmap anywhere makes the next I/O look again)
         self._domain: Any = ctrl.vfio.domain
+        # a mapping may be remembered only where the domain counts its unmaps
+        self._cacheable = hasattr(self._domain, "unmaps") and hasattr(self._domain, "mapping_at")
         self._map_lo = self._map_end = 0
         self._map_gen = -1
         self._reset_state()
@@ -473,17 +475,22 @@ class QueuePair:
 
     def _check_mapped(self, dma: int, length: int, what: str) -> None:
         """``dma``..+``length`` must be mapped in the device's IOMMU domain; remember the
-        mapping it lies in, when the domain says which."""
-        with self.ctrl._closing_as_closed():  # the controller may close under us
-            domain = self.ctrl.vfio.domain
-            gen = _unmaps(domain)
-            m = _mapping_at(domain, dma)
-            if m is not None and gen is not None and dma + length - 1 <= m.last:
-                self._map_lo, self._map_end, self._map_gen = m.iova, m.iova + m.size, gen
-                return
+        mapping it lies in, where the domain counts its unmaps (else ask for both ends)."""
+        domain = self._domain
+        try:
+            if self._cacheable:
+                gen = domain.unmaps  # before the lookup: an unmap in between voids it
+                m = domain.mapping_at(dma)
+                if m is not None and dma + length <= m.iova + m.size:
+                    self._map_lo, self._map_end, self._map_gen = m.iova, m.iova + m.size, gen
+                    return
             translate = domain.translate
             if translate(dma) is not None and translate(dma + length - 1) is not None:
                 return
+        except ClosedError:  # the controller closed under us (another thread, a release)
+            if self.ctrl._failed is not None:
+                raise self.ctrl._unusable() from None
+            raise
         raise NvmeError(
             f"{what}: DMA address {dma:#x}+{length:#x} is not mapped in the device's IOMMU "
             "domain: the IOMMU would block the transfer (use dma_map_single or a DmaBuffer)"
@@ -719,16 +726,3 @@ def _integer(value: object, name: str, what: str) -> int:
         raise NvmeError(
             f"{what}: the {name} must be an integer, not {type(value).__name__} {value!r}"
         ) from None
-
-
-def _unmaps(domain: object) -> int | None:
-    """The domain's count of unmaps, where it keeps one (a cached "this range is mapped"
-    holds until the next unmap); None where it does not (then nothing is cached)."""
-    gen = getattr(domain, "unmaps", None)
-    return gen if isinstance(gen, int) else None
-
-
-def _mapping_at(domain: object, iova: int) -> Any:
-    """The live mapping holding ``iova``, where the domain can say (else None)."""
-    find = getattr(domain, "mapping_at", None)
-    return find(iova) if find is not None else None
