@@ -608,6 +608,7 @@ def test_noiommu_warns_and_maps_at_the_physical_address(noiommu: FakeKernel, sys
     with dev:
         assert dev.backend == "noiommu" and isinstance(dev.domain, NoIommuContainer)
         assert "UNPROTECTED" in repr(dev.domain)
+        assert "no IOMMU protects memory" in dev.backend_reason  # auto says why
         vaddr = 0x7000_1234_5000
         m = dev.domain.map(vaddr, 8192)
         assert m.iova == (vaddr >> 12 & 0xFFFFF) << 12  # what pagemap says
@@ -674,3 +675,29 @@ def test_noiommu_alloc_below_finds_a_hugepage_under_the_limit(
         with pytest.raises(IovaExhaustedError, match=r"the lowest at physical 0x200000000"):
             domain.alloc_below(2 * MiB, (1 << 32) - 1)
         assert noiommu.free_hugepages[2 * MiB] == free  # nothing kept
+
+
+def test_opening_a_node_says_the_fix_by_errno_or_names_the_path() -> None:
+    # one "open, or say the fix" (uvdma.vfio._ioctl.open_node) for the container, group,
+    # iommufd and cdev opens; a callable fix is made only when the open fails
+    from uvdma.vfio import _ioctl  # noqa: PLC0415
+
+    k = FakeKernel()  # no cdevs
+    k.iommufd = False
+    made: list[str] = []
+
+    def fix() -> str:
+        made.append("fix")
+        return "load the module"
+
+    with _sys.use_kernel(k):
+        fd = _ioctl.open_node("/dev/vfio/vfio", "opening the container", {errno.ENOENT: fix})
+        assert made == []
+        k.close(fd)
+        with pytest.raises(UvdmaOSError, match=r"^opening iommufd: load the module") as info:
+            _ioctl.open_node("/dev/iommu", "opening iommufd", {errno.ENOENT: fix})
+        assert info.value.errno == errno.ENOENT and made == ["fix"]
+        with pytest.raises(
+            UvdmaOSError, match=r"opening vfio9: cannot open /dev/vfio/devices/vfio9"
+        ):
+            _ioctl.open_node("/dev/vfio/devices/vfio9", "opening vfio9", {})

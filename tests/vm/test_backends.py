@@ -77,6 +77,7 @@ def test_auto_picks_this_tiers_backend_and_says_why(backend: str) -> None:
     assert choice.backend == backend, choice.reason
     with quietly_open(address) as d:
         assert d.backend == backend
+        assert d.backend_reason == choice.reason
     expected = {"type1": "no iommufd", "iommufd": "/dev/vfio/devices/vfio", "noiommu": "no IOMMU"}
     assert expected[backend] in choice.reason
 

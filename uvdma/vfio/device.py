@@ -234,6 +234,8 @@ class VfioDevice:
         self.domain = domain
         self._owns_domain = owns_domain
         self.group = group  # type1: the IOMMU group the device was opened through
+        #: Why this backend: "asked for", the domain's, or what ``auto`` found (and missed)
+        self.backend_reason = "asked for"
         self._bars: dict[int, Bar] = {}
         self._irq_fds: dict[int, list[int]] = {}
         self.closed = False
@@ -850,9 +852,10 @@ def _open(dev: pci.PciDevice, backend: str, domain: IommuDomain | None, sysfs: P
         domain._check(f"opening {dev.address} in {domain!r}")
     if domain is not None:
         kind = domain.backend
+        reason = "the domain it was opened in"
     else:
         choice = backend_choice(backend, dev.address, sysfs=sysfs)
-        kind = choice.backend
+        kind, reason = choice.backend, choice.reason
         if backend == "auto" and kind != "iommufd":
             log.info("uvdma: %s: backend %s: %s", dev.address, kind, choice.reason)
     in_noiommu_group = noiommu.is_noiommu_group(group_no, sysfs)
@@ -882,15 +885,15 @@ def _open(dev: pci.PciDevice, backend: str, domain: IommuDomain | None, sysfs: P
             stack.callback(_sys.kernel().close, fd)
         elif isinstance(domain, iommufd.IommufdDomain):
             path = iommufd.cdev_path(dev.address, sysfs)
-            try:
-                fd = _sys.kernel().open(path, os.O_RDWR)
-            except OSError as e:
-                raise UvdmaOSError(e.errno or errno.EIO, f"opening {path}: run as root") from e
+            fd = _ioctl.open_node(
+                path, f"opening {path}", {errno.EACCES: "run as root", errno.EPERM: "run as root"}
+            )
             stack.callback(_sys.kernel().close, fd)
             domain.attach(fd, dev.address)
         else:
             raise TypeError(f"unknown IOMMU domain {domain!r}")
         device = VfioDevice(dev.address, fd, domain, owns_domain=owns, group=group)
+        device.backend_reason = reason
         device._watch_requests()
         domain._attach_user(device)
         stack.pop_all()
