@@ -701,3 +701,21 @@ def test_opening_a_node_says_the_fix_by_errno_or_names_the_path() -> None:
             UvdmaOSError, match=r"opening vfio9: cannot open /dev/vfio/devices/vfio9"
         ):
             _ioctl.open_node("/dev/vfio/devices/vfio9", "opening vfio9", {})
+
+
+def test_noiommu_alloc_below_refuses_what_cannot_be_one_physical_range(
+    noiommu: FakeKernel, sysfs: Path
+) -> None:
+    with pytest.warns(NoIommuWarning), open_device(NVME, sysfs=sysfs) as dev:
+        domain = dev.domain
+        assert isinstance(domain, NoIommuContainer)
+        free = noiommu.free_hugepages[2 * MiB]
+        with pytest.raises(UvdmaError, match="larger than one hugepage"):
+            domain.alloc_below(4 * MiB, (1 << 32) - 1)
+        with pytest.raises(UvdmaError, match="the size must be positive"):
+            domain.alloc_below(0, (1 << 32) - 1)
+        noiommu.free_hugepages[2 * MiB] = 0
+        with pytest.raises(IovaExhaustedError, match="no free hugepage at all"):
+            domain.alloc_below(2 * MiB, (1 << 32) - 1)
+        noiommu.free_hugepages[2 * MiB] = free
+        assert noiommu.free_hugepages[2 * MiB] == free and domain.mappings() == []

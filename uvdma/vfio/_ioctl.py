@@ -1,9 +1,11 @@
-"""Written once (STYLE 3): the argsz grow-and-retry, and errno -> errors that name the fix."""
+"""Written once (STYLE 3): the argsz grow-and-retry, and errno -> errors that name the fix,
+for an ioctl (:func:`call`) and for opening a device node (:func:`open_node`)."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import os
 from collections.abc import Callable, Mapping
 from typing import TypeAlias, TypeVar
 
@@ -26,6 +28,17 @@ def call(fd: int, request: int, arg: _sys.IoctlArg, what: str, fixes: Mapping[in
         fix = fixes.get(err, "")
         text = fix() if callable(fix) else fix
         raise UvdmaOSError(err, f"{what}{': ' + text if text else ''}") from e
+
+
+def open_node(path: str, what: str, fixes: Mapping[int, Fix]) -> int:
+    """Open ``path`` read-write, or raise :class:`UvdmaOSError` naming ``what`` and, by errno,
+    the fix (``cannot open PATH`` when ``fixes`` has none for that errno)."""
+    try:
+        return _sys.kernel().open(path, os.O_RDWR)
+    except OSError as e:
+        err = e.errno or errno.EIO
+        fix = fixes.get(err, f"cannot open {path}")
+        raise UvdmaOSError(err, f"{what}: {fix() if callable(fix) else fix}") from e
 
 
 def info(

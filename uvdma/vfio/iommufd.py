@@ -57,16 +57,15 @@ class IommufdDomain(IommuDomain):
     def __init__(self) -> None:
         super().__init__()
         k = _sys.kernel()
-        try:
-            self.fd = k.open(IOMMUFD_DEV, os.O_RDWR)
-        except OSError as e:
-            err = e.errno or errno.EIO
-            fix = {
+        self.fd = _ioctl.open_node(
+            IOMMUFD_DEV,
+            "opening iommufd",
+            {
                 errno.ENOENT: f"{IOMMUFD_DEV} does not exist: this kernel has no iommufd; "
                 "use the type1 backend",
                 errno.EACCES: f"no permission for {IOMMUFD_DEV}; run as root",
-            }.get(err, f"cannot open {IOMMUFD_DEV}")
-            raise UvdmaOSError(err, f"opening iommufd: {fix}") from e
+            },
+        )
         try:
             alloc = I.iommu_ioas_alloc(size=ctypes.sizeof(I.iommu_ioas_alloc))
             _ioctl.call(self.fd, I.IOMMU_IOAS_ALLOC, alloc, "IOMMU_IOAS_ALLOC", {})

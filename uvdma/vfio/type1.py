@@ -44,14 +44,6 @@ class Type1Info:
     migration_pgsizes: int | None
 
 
-def _open(path: str, what: str, fixes: dict[int, str]) -> int:
-    try:
-        return _sys.kernel().open(path, os.O_RDWR)
-    except OSError as e:
-        err = e.errno or errno.EIO
-        raise UvdmaOSError(err, f"{what}: {fixes.get(err, f'cannot open {path}')}") from e
-
-
 class VfioGroup:
     """An IOMMU group opened through ``/dev/vfio/<n>``."""
 
@@ -69,7 +61,7 @@ class VfioGroup:
                 "(open_device(..., domain=the_other_device.domain))",
             )
         path = path or f"/dev/vfio/{number}"
-        self.fd = _open(
+        self.fd = _ioctl.open_node(
             path,
             f"opening VFIO group {number}",
             {
@@ -135,7 +127,7 @@ class Type1Container(IommuDomain):
         self.groups: list[VfioGroup] = []
         self._iommu_set = False
         self._info: Type1Info | None = None
-        self.fd = _open(
+        self.fd = _ioctl.open_node(
             VFIO_CONTAINER,
             "opening the VFIO container",
             {
