@@ -148,8 +148,8 @@ class QueuePair:
         self._domain: Any = ctrl.vfio.domain
         # a mapping may be remembered only where the domain counts its unmaps
         self._cacheable = hasattr(self._domain, "unmaps") and hasattr(self._domain, "mapping_at")
-        self._map_lo = self._map_end = 0
-        self._map_gen = -1
+        # (lo, end, unmap count) in one tuple: threads replace it whole, never torn
+        self._map: tuple[int, int, int] = (0, 0, -1)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -200,6 +200,8 @@ class QueuePair:
 
     def _give_back(self, req: Request) -> None:
         with self._lock:
+            if req.state == FREE:
+                return  # collected by another thread meanwhile: never twice on the list
             req.state = FREE
             req.error = None
             self._free.append(req.cid)
@@ -385,8 +387,9 @@ class QueuePair:
         """Wait for ``req`` and give its slot back; its DW0 (raises as :meth:`wait`)."""
         if req.state == DONE and not req.status and req.qid == self.qid:  # reaped, fine
             self._acquire()
-            req.state = FREE
-            self._free.append(req.cid)
+            if req.state == DONE:  # (another thread may have collected it meanwhile)
+                req.state = FREE
+                self._free.append(req.cid)
             self._release()
             return req.dw0
         try:
@@ -464,14 +467,10 @@ class QueuePair:
                 f"{what}: {length} bytes exceed the controller's MDTS "
                 f"({self.ctrl.max_transfer} bytes): split it (read()/write() do)"
             )
-        if dma < self._map_lo or dma + length > self._map_end or self._stale_map():
+        lo, end, gen = self._map
+        if dma < lo or dma + length > end or self._domain.unmaps != gen:
             self._check_mapped(dma, length, what)
         return lba, nblocks, length
-
-    def _stale_map(self) -> bool:
-        """Whether anything was unmapped since the cached mapping was found (only asked
-        when a mapping is cached, so the domain keeps an unmap count)."""
-        return bool(self._domain.unmaps != self._map_gen)
 
     def _check_mapped(self, dma: int, length: int, what: str) -> None:
         """``dma``..+``length`` must be mapped in the device's IOMMU domain; remember the
@@ -482,7 +481,7 @@ class QueuePair:
                 gen = domain.unmaps  # before the lookup: an unmap in between voids it
                 m = domain.mapping_at(dma)
                 if m is not None and dma + length <= m.iova + m.size:
-                    self._map_lo, self._map_end, self._map_gen = m.iova, m.iova + m.size, gen
+                    self._map = (m.iova, m.iova + m.size, gen)
                     return
             translate = domain.translate
             if translate(dma) is not None and translate(dma + length - 1) is not None:
@@ -509,11 +508,8 @@ class QueuePair:
         length = nblocks * ns.lba_size
         if length > self._max_transfer:
             self._check_io(ns, lba, nblocks, dma, what)  # raises, with the message
-        if (
-            dma < self._map_lo
-            or dma + length > self._map_end
-            or self._domain.unmaps != self._map_gen
-        ):
+        lo, end, gen = self._map
+        if dma < lo or dma + length > end or self._domain.unmaps != gen:
             self._check_mapped(dma, length, what)
         self._acquire()
         try:
@@ -571,9 +567,9 @@ class QueuePair:
                 or lba < 0
                 or lba + nblocks > blocks
                 or nblocks * lba_size > mdts
-                or dma < self._map_lo
-                or dma + nblocks * lba_size > self._map_end
-                or self._domain.unmaps != self._map_gen
+                or dma < self._map[0]
+                or dma + nblocks * lba_size > self._map[1]
+                or self._domain.unmaps != self._map[2]
             ):
                 lba, nblocks, _length = self._check_io(ns, lba, nblocks, dma, what)
             checked.append((lba, nblocks, nblocks * lba_size, dma))
