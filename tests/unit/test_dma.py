@@ -57,7 +57,7 @@ from uvdma.errors import ClosedError, SizeError, UvdmaError
 from uvdma.memory import hugepages
 from uvdma.testing.fake_kernel import FakeKernel
 from uvdma.testing.fake_sysfs import make_device
-from uvdma.vfio import VfioDevice, open_device
+from uvdma.vfio import VfioDevice, new_domain, open_device
 
 BDF = "0000:00:09.0"
 KiB, MiB = 1 << 10, 1 << 20
@@ -637,6 +637,18 @@ def test_a_second_coherent_pool_size_is_an_error_naming_the_fix(
         c.close()
     b.close()
     a.close()
+
+
+def test_a_dma_domain_serves_only_devices_of_its_iommu_domain(
+    fake: tuple[FakeKernel, VfioDevice],
+) -> None:
+    vd = fake[1]
+    with new_domain("iommufd") as other, DmaDomain(other, coherent_pool="128K") as elsewhere:
+        with pytest.raises(ValueError, match="over another IOMMU domain"):
+            DmaDevice(vd, elsewhere)
+        assert len(elsewhere.devices) == 0  # nothing was changed
+    with pytest.raises(ClosedError, match="the IOMMU domain is closed"):
+        DmaDomain(other)
 
 
 def test_dma_domain_teardown_stops_the_pools_then_unmaps_then_frees(
