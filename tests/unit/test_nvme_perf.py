@@ -238,9 +238,10 @@ def test_every_fast_path_check_stays(rig: tuple[FakeKernel, NvmeSim, Controller]
 
 def test_prp_runs_by_exact_value() -> None:
     entries = np.zeros(PRP_ENTRIES, dtype=np.uint64)
-    for n in (1, 3, 16, 17, 100, PRP_ENTRIES):  # struct below 17 entries, numpy above
+    scratch = np.zeros((), dtype=np.uint64)
+    for n in (1, 3, 8, 9, 100, PRP_ENTRIES):  # struct up to 8 entries, numpy above
         entries[:] = 7
-        fill_run(entries, 0xA000_0000_0000, n)
+        fill_run(entries, 0xA000_0000_0000, n, scratch if n % 2 else None)
         want = [0xA000_0000_0000 + 4096 * i for i in range(n)]
         assert entries[:n].tolist() == want
         assert (entries[n:] == 7).all()  # nothing past the run

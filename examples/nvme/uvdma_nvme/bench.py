@@ -165,7 +165,7 @@ def prp_ns_per_page(ctrl: Controller, bs: int, rounds: int = 2000) -> float:
     lists = q._prp_lists(req, prp_list_pages_needed(plan.pages))
     t0 = time.thread_time_ns()
     for _ in range(rounds):
-        fill_prp_lists(plan, lists)
+        fill_prp_lists(plan, lists, q._prp_scratch)
     return (time.thread_time_ns() - t0) / rounds / plan.pages
 
 

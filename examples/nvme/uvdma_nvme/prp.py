@@ -17,7 +17,8 @@ PRP_ENTRIES = PAGE // 8  # entries in one PRP list page
 # struct call; long ones are one numpy add of these offsets (its ~1 us call cost is spread
 # over up to 511 pages).
 _OFFSETS = np.arange(PRP_ENTRIES, dtype=np.uint64) * np.uint64(PAGE)
-_SHORT = 16
+_RUNS = [_OFFSETS[:n] for n in range(PRP_ENTRIES + 1)]  # the views, made once
+_SHORT = 8
 _PACK = [struct.Struct(f"<{n}Q") for n in range(_SHORT + 1)]
 
 
@@ -48,9 +49,14 @@ def prp_list_pages_needed(pages: int) -> int:
     return 1 + (pages - PRP_ENTRIES + PRP_ENTRIES - 2) // (PRP_ENTRIES - 1)
 
 
-def fill_prp_lists(plan: PrpPlan, lists: Sequence[tuple[npt.NDArray[np.uint64], int]]) -> int:
+def fill_prp_lists(
+    plan: PrpPlan,
+    lists: Sequence[tuple[npt.NDArray[np.uint64], int]],
+    scratch: npt.NDArray[np.uint64] | None = None,
+) -> int:
     """Write the PRP list(s) of ``plan`` into ``lists`` ((entries view, dma) per page, as
-    many as :func:`prp_list_pages_needed` says); returns PRP2."""
+    many as :func:`prp_list_pages_needed` says); returns PRP2.  ``scratch``: a 0-d uint64
+    array the caller owns (one per queue, used under its lock), else one is made."""
     if plan.pages == 0:
         return 0
     if plan.pages == 1:
@@ -59,7 +65,7 @@ def fill_prp_lists(plan: PrpPlan, lists: Sequence[tuple[npt.NDArray[np.uint64], 
     for i, (entries, _dma) in enumerate(lists):
         room = PRP_ENTRIES if left <= PRP_ENTRIES else PRP_ENTRIES - 1
         n = min(room, left)
-        fill_run(entries, page, n)
+        fill_run(entries, page, n, scratch)
         page += n * PAGE
         left -= n
         if left:
@@ -69,9 +75,19 @@ def fill_prp_lists(plan: PrpPlan, lists: Sequence[tuple[npt.NDArray[np.uint64], 
     return lists[0][1]
 
 
-def fill_run(entries: npt.NDArray[np.uint64], first: int, n: int) -> None:
-    """``entries[:n] = first, first + 4 KiB, ...``: one C-level call."""
+def fill_run(
+    entries: npt.NDArray[np.uint64],
+    first: int,
+    n: int,
+    scratch: npt.NDArray[np.uint64] | None = None,
+) -> None:
+    """``entries[:n] = first, first + 4 KiB, ...``: one C-level call (and, for a long run,
+    one store of ``first`` into the 0-d ``scratch``: numpy adds an array faster than it
+    converts a Python int)."""
     if n <= _SHORT:
         _PACK[n].pack_into(entries.data, 0, *range(first, first + n * PAGE, PAGE))
-    else:
-        np.add(_OFFSETS[:n], first, out=entries[:n])
+        return
+    if scratch is None:
+        scratch = np.zeros((), dtype=np.uint64)
+    scratch[()] = first
+    np.add(_RUNS[n], scratch, out=entries[:n])

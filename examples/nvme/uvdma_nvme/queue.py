@@ -137,6 +137,7 @@ class QueuePair:
         self._requests = [Request(qid, cid) for cid in range(depth - 1)]  # a full queue
         self._free = list(range(depth - 2, -1, -1))  # keeps one slot empty (NVMe 2.0, 3.3.1.5)
         self._freed = False
+        self._prp_scratch = np.zeros((), dtype=np.uint64)  # fill_prp_lists's, under the lock
         self._owner = "this process"  # or the worker process the queue was handed to
         self._given = False  # handed to a worker process (the parent keeps its hands off)
         # One flag for "refuse everything": memory freed, handed to another process, or the
@@ -445,7 +446,8 @@ class QueuePair:
         if length <= first + PAGE:
             return (dma | _PAGE_MASK) + 1  # the second and last page
         plan = plan_prps(dma, length)
-        return fill_prp_lists(plan, self._prp_lists(req, prp_list_pages_needed(plan.pages)))
+        lists = self._prp_lists(req, prp_list_pages_needed(plan.pages))
+        return fill_prp_lists(plan, lists, self._prp_scratch)  # under the lock: ours
 
     def _not_io(self, ns: Namespace, lba: int, nblocks: int, what: str) -> NvmeError:
         return NvmeError(
