@@ -86,7 +86,11 @@ def dev(fake: tuple[FakeKernel, VfioDevice]) -> Iterator[DmaDevice]:
 
 def state(dev: DmaDevice) -> tuple[dict[str, int], dict[str, int], int]:
     """Everything a bad call must leave unchanged."""
-    return dev.ctx.pools.avail(), dev.ctx.pages.mapped_bytes(), len(dev.domain.mappings())
+    return (
+        dev.dma_domain.pools.avail(),
+        dev.dma_domain.pages.mapped_bytes(),
+        len(dev.domain.mappings()),
+    )
 
 
 # -- the atomic pools -----------------------------------------------------------------------
@@ -177,7 +181,7 @@ def test_coherent_returns_are_typed_and_still_unpack(dev: DmaDevice) -> None:
 
 
 def test_three_pools_in_their_zones_with_debugfs_sizes(dev: DmaDevice) -> None:
-    pools = dev.ctx.pools
+    pools = dev.dma_domain.pools
     assert pools.stats() == {
         "pool_size_dma": 256 * KiB,
         "pool_size_dma32": 256 * KiB,
@@ -195,7 +199,7 @@ def test_three_pools_in_their_zones_with_debugfs_sizes(dev: DmaDevice) -> None:
 
 
 def test_guess_pool_order_and_fallback(dev: DmaDevice) -> None:
-    p = dev.ctx.pools
+    p = dev.dma_domain.pools
     assert p.guess_pool(None, Zone.DMA) is p.dma
     assert p.guess_pool(None, Zone.DMA32) is p.dma32
     assert p.guess_pool(None, Zone.NORMAL) is p.kernel
@@ -207,7 +211,7 @@ def test_guess_pool_order_and_fallback(dev: DmaDevice) -> None:
 
 
 def test_phys_addr_ok_refusal_gives_the_memory_back(dev: DmaDevice) -> None:
-    p = dev.ctx.pools
+    p = dev.dma_domain.pools
     before = p.avail()
     assert p.alloc_from_pool(4096, Zone.NORMAL, lambda dma, n: False) is None
     assert p.avail() == before
@@ -219,7 +223,7 @@ def test_phys_addr_ok_refusal_gives_the_memory_back(dev: DmaDevice) -> None:
 
 
 def test_worker_expands_a_pool_that_runs_low(dev: DmaDevice) -> None:
-    p = dev.ctx.pools
+    p = dev.dma_domain.pools
     dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))  # the kernel pool serves 64-bit masks
     held = [dma_alloc_coherent(dev, 64 * KiB, GFP_ATOMIC) for _ in range(3)]  # 192K of 256K
     try:
@@ -237,7 +241,7 @@ def test_atomic_allocations_make_no_system_call(fake: tuple[FakeKernel, VfioDevi
     counting = CountingKernel(k)
     with _sys.use_kernel(counting):
         dev = DmaDevice(vd, coherent_pool="1M")
-        dev.ctx.pools.flush()
+        dev.dma_domain.pools.flush()
         counting.calls.clear()
         for _ in range(50):
             cpu, dma = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)
@@ -522,7 +526,7 @@ def test_a_failing_pool_neither_skips_the_others_nor_ends_the_worker(
     caplog: pytest.LogCaptureFixture,
     error: Exception,
 ) -> None:
-    p = dev.ctx.pools
+    p = dev.dma_domain.pools
     real = p.pages.alloc_pages
     broken = {Zone.DMA}
 
@@ -802,10 +806,10 @@ def test_only_1g_hugepages_free_are_used_before_4k_pages(
     dev = DmaDevice(vd, coherent_pool="256K")
     dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))
     assert k.free_hugepages[1 << 30] == 0  # the kernel pool's first chunk took the 1G page
-    assert dev.ctx.pages.mapped_bytes()["NORMAL"] == 1 << 30  # all of it, to carve
-    mapped = dev.ctx.pages.mapped_bytes()
+    assert dev.dma_domain.pages.mapped_bytes()["NORMAL"] == 1 << 30  # all of it, to carve
+    mapped = dev.dma_domain.pages.mapped_bytes()
     held = [dma_alloc_coherent(dev, 2 * MiB) for _ in range(8)]  # from the same page
-    assert dev.ctx.pages.mapped_bytes() == mapped
+    assert dev.dma_domain.pages.mapped_bytes() == mapped
     for cpu, dma in held:
         dma_free_coherent(dev, 2 * MiB, cpu, dma)
     dev.close()
@@ -845,7 +849,7 @@ def test_two_threads_share_a_device_its_pool_and_the_atomic_pools(dev: DmaDevice
     blocks = sorted(dma for h in held for _, _, dma in h)
     assert len(blocks) == len(set(blocks))  # nobody got a block twice
     assert all(b - a >= 4096 for a, b in itertools.pairwise(blocks))
-    assert dev.ctx.pools.flush(10)
+    assert dev.dma_domain.pools.flush(10)
     for h in held:
         for kind, cpu, dma in h:
             if kind == "pool":
