@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uvdma import _sys, pci
-from uvdma.errors import UvdmaError
+from uvdma.errors import NoIommuWarning, UvdmaError
 from uvdma.memory.hugepages import HugepagePool, hugepage_pools, size_name
 from uvdma.vfio import open_device
 from uvdma.vfio.device import BackendChoice, backend_choice
-from uvdma.vfio.noiommu import NoIommuWarning
 
 DEFAULT_NEED = 64 << 20  # bytes of DMA memory a typical program pins
 

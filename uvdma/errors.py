@@ -100,6 +100,10 @@ class KernelBuildError(VmError):
     """A step of building the guest kernel failed; the message names it and the fix."""
 
 
+class NoIommuWarning(UserWarning):
+    """A device is used with no IOMMU: nothing protects memory from its DMA."""
+
+
 class GroupNotViableError(UvdmaError):
     """A device in the group is bound to a driver other than vfio-pci."""
 

@@ -21,6 +21,7 @@ from uvdma.errors import (
     DeviceReleasedError,
     DomainInUseError,
     IovaExhaustedError,
+    NoIommuWarning,
     PciError,
     UvdmaError,
     UvdmaOSError,
@@ -38,7 +39,7 @@ from uvdma.vfio import (
     open_device,
 )
 from uvdma.vfio.device import BackendChoice, backend_choice
-from uvdma.vfio.noiommu import NoIommuContainer, NoIommuWarning
+from uvdma.vfio.noiommu import NoIommuContainer
 
 NVME = "0000:00:09.0"
 NVME2 = "0000:00:0a.0"

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support import nvme_by_hand as nvme
 from uvdma import pci
-from uvdma.errors import IovaExhaustedError, PciError
+from uvdma.errors import IovaExhaustedError, NoIommuWarning, PciError
 from uvdma.memory import HugeMemory, allocate, physical_address
 from uvdma.memory.hugepages import PAGE_2M
 from uvdma.vfio import VfioDevice, new_domain, open_device
@@ -29,7 +29,7 @@ from uvdma.vfio.device import backend_choice
 from uvdma.vfio.faults import IommuFaultLog
 from uvdma.vfio.iommufd import IommufdDomain
 from uvdma.vfio.iova import MSI_WINDOW
-from uvdma.vfio.noiommu import NoIommuContainer, NoIommuWarning
+from uvdma.vfio.noiommu import NoIommuContainer
 
 pytestmark = [pytest.mark.vm, pytest.mark.backends()]
 

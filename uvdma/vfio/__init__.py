@@ -5,7 +5,7 @@
 ...     print(hex(dev.bar(0).read64(0)))               # NVMe CAP
 """
 
-from uvdma.errors import DmaMapError, GroupNotViableError
+from uvdma.errors import DmaMapError, GroupNotViableError, NoIommuWarning
 from uvdma.vfio.device import (
     BackendChoice,
     Bar,
@@ -19,7 +19,7 @@ from uvdma.vfio.device import (
 )
 from uvdma.vfio.domain import DmaMapping, IommuDomain
 from uvdma.vfio.iommufd import IommufdDomain
-from uvdma.vfio.noiommu import NoIommuContainer, NoIommuWarning
+from uvdma.vfio.noiommu import NoIommuContainer
 from uvdma.vfio.type1 import Type1Container, VfioGroup
 
 __all__ = [

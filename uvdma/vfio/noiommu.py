@@ -33,7 +33,13 @@ from pathlib import Path
 
 from uvdma import _sys, pci
 from uvdma._uapi import vfio as V  # noqa: N812
-from uvdma.errors import DmaMapError, IovaExhaustedError, UvdmaError, UvdmaOSError
+from uvdma.errors import (
+    DmaMapError,
+    IovaExhaustedError,
+    NoIommuWarning,
+    UvdmaError,
+    UvdmaOSError,
+)
 from uvdma.memory import hugepages
 from uvdma.memory.hugepages import HugeMemory, physical_address
 from uvdma.vfio import _ioctl
@@ -49,10 +55,6 @@ UNPROTECTED = (
     "VFIO no-IOMMU mode: no IOMMU protects memory from this device; it can read and write "
     "any physical address, and a stray DMA corrupts the machine"
 )
-
-
-class NoIommuWarning(UserWarning):
-    """A device is used with no IOMMU: nothing protects memory from its DMA."""
 
 
 def enabled(sysfs: Path = pci.SYSFS) -> bool:
