@@ -208,7 +208,7 @@ def test_a_dma_domain_unmaps_its_memory_before_freeing_it(dev: VfioDevice) -> No
 def test_zone_dma_runs_out_cleanly(dev: VfioDevice) -> None:
     held: list[tuple[HugeMemory, object]] = []
     with allocate(16 * MiB) as mem:
-        with pytest.raises(IovaExhaustedError, match="zone DMA"):
+        with pytest.raises(IovaExhaustedError, match=r"in \[0x0, 0xffffff\]"):
             for k in range(8):  # 16 MiB zone, page 0 reserved: only 7 aligned 2 MiB blocks
                 held.append(
                     (
