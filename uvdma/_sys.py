@@ -235,6 +235,21 @@ def kernel() -> Kernel:
     return _Current.kernel
 
 
+def retire_mapping(addr: int, size: int) -> None:
+    """Unmap ``[addr, addr + size)`` by putting inert anonymous memory in its place (MAP_FIXED
+    replaces it in one step), so a stale pointer or numpy view into it reads zeros instead of
+    killing the process with SIGSEGV.  The address range stays taken; no memory is used until
+    a stale view writes (MAP_NORESERVE), and neighbouring retired ranges merge into one VMA.
+    Falls back to munmap if the kernel refuses (never seen)."""
+    k = kernel()
+    try:
+        k.mmap_fixed(
+            addr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0
+        )
+    except OSError:
+        k.munmap(addr, size)
+
+
 @contextlib.contextmanager
 def use_kernel(k: Kernel) -> Iterator[Kernel]:
     """Route every system call through ``k`` inside the ``with`` block."""

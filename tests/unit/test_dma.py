@@ -679,7 +679,8 @@ def test_dma_domain_teardown_stops_the_pools_then_unmaps_then_frees(
     domain.close()
     assert order == ["pools", "pages"]  # the refill worker stops before memory goes
     unmaps = [i for i, c in enumerate(k.calls) if c == "ioctl VFIO_IOMMU_UNMAP_DMA"]
-    munmaps = [i for i, c in enumerate(k.calls) if c == "munmap"]
+    # memory goes by munmap, or retired in place (mmap_fixed: stale views read zeros)
+    munmaps = [i for i, c in enumerate(k.calls) if c in ("munmap", "mmap_fixed")]
     assert len(unmaps) == len(munmaps) == 4  # three pools' chunks and the 4 MiB region
     assert all(u < m for u, m in zip(unmaps, munmaps, strict=True))  # IOMMU first, then memory
     assert vd.domain.mappings() == [] and not vd.domain.closed  # the IOMMU domain is the caller's
@@ -734,6 +735,25 @@ def test_closing_the_vfio_device_leaves_every_dma_object_refusing_never_crashing
     assert pool.destroyed
     dev.close()  # the last default-path device: the DMA domain frees its memory
     assert k.open_kinds() == []
+
+
+def test_a_view_kept_past_close_reads_zeros_never_crashes(
+    fake: tuple[FakeKernel, VfioDevice],
+) -> None:
+    """A numpy array taken from a DmaBuffer outlives the buffer, the device and the DMA domain:
+    the memory under it is retired in place (inert zeros), not unmapped (SIGSEGV).  The
+    memory itself is given back: its memfd is closed."""
+    k, vd = fake
+    dev = DmaDevice(vd, coherent_pool="256K")
+    buf = DmaBuffer(dev, 8192)
+    stale = buf.array()
+    stale[:] = 0x5A
+    vd.close()
+    dev.close()
+    assert k.open_kinds() == []  # every memfd closed: the pages went back
+    assert k.retired  # the ranges were retired, not unmapped
+    assert int(stale.sum()) == 0  # reads the inert memory: zeros, and the process lives
+    stale[0] = 1  # a write lands in inert memory too
 
 
 # -- allocations that cannot be satisfied ----------------------------------------------------------

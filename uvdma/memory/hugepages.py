@@ -285,11 +285,12 @@ class HugeMemory:
         self._closed = False
 
     def close(self) -> None:
-        """munmap and close the memfd."""
+        """Unmap (retired in place: a numpy view kept past close reads zeros, never faults;
+        see :func:`uvdma._sys.retire_mapping`) and close the memfd, which frees the pages."""
         if self._closed:
             return
         k = _sys.kernel()
-        k.munmap(self.vaddr, self.size)
+        _sys.retire_mapping(self.vaddr, self.size)
         k.close(self._fd)
         self._closed = True
 

@@ -264,7 +264,12 @@ class FakeKernel:
             self._model_bars.pop(addr, None)  # the device model no longer sees that range
             self.retired.append(addr)
             return addr
-        raise err(errno.EINVAL)  # only BARs are retired in place here
+        real = self._real_maps.pop(addr, None)
+        if fd == -1 and real is not None:  # memory retired in place: real inert memory there
+            self._real.mmap_fixed(addr, length, prot, flags, -1, 0)
+            self.retired.append(addr)
+            return addr
+        raise err(errno.EINVAL)  # only BARs and memory this kernel mapped are retired here
 
     def _null_ioctl(self, f: Fd, request: int, arg: Any) -> int:
         raise err(errno.ENOTTY)

@@ -72,25 +72,6 @@ _RELEASED = (
 ReleaseHandler = Callable[["VfioDevice"], None]
 
 
-def _retire_mapping(addr: int, size: int) -> None:
-    """Put inert anonymous memory where a device mapping was (MAP_FIXED replaces it in one
-    step), so a stale pointer into it reads zeros instead of faulting.  The address range
-    stays taken (one mapping per BAR opened: a few KiB of address space, no memory)."""
-    k = _sys.kernel()
-    try:
-        k.mmap_fixed(
-            addr,
-            size,
-            _sys.PROT_READ | _sys.PROT_WRITE,
-            _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS | _sys.MAP_NORESERVE,
-            -1,
-            0,
-        )
-    except OSError as e:  # never seen; unmapping is the lesser evil than keeping the device
-        log.warning("uvdma: could not retire a BAR mapping in place (%s): unmapping it", e)
-        k.munmap(addr, size)
-
-
 class _Registry:
     """The devices this process has open, by address (a device opens once)."""
 
@@ -206,7 +187,7 @@ class Bar:
         if self._closed:
             return
         self._closed = True  # first: a racing access then fails the check, or hits inert memory
-        _retire_mapping(self.addr, self.size)
+        _sys.retire_mapping(self.addr, self.size)
 
     def _release(self) -> None:
         self._released = True
