@@ -311,7 +311,7 @@ def test_what_worker_processes_write_reads_back(ctrl: Controller) -> None:
     bufs = [DmaBuffer(ctrl.dma, blocks * ns.lba_size) for _ in theirs]
 
     def work(i: int, q: QueuePair) -> dict[str, Any]:
-        first = 50_000 + i * blocks
+        first = 40_000 + i * blocks
         data = pattern(ns.lba_size, first, blocks, seed=i)
         view = np.frombuffer(bufs[i].cpu, dtype=np.uint8)
         view[:] = data
@@ -325,7 +325,7 @@ def test_what_worker_processes_write_reads_back(ctrl: Controller) -> None:
     assert all(j.result is not None and j.result["same"] for j in jobs)
     assert len({j.pid for j in jobs} | {os.getpid()}) == 4  # three other processes
     for i in range(3):  # on the medium: the parent reads each range back itself
-        first = 50_000 + i * blocks
+        first = 40_000 + i * blocks
         back = np.zeros(blocks * ns.lba_size, dtype=np.uint8)
         mine.read(ns, first, back)
         assert np.array_equal(back, pattern(ns.lba_size, first, blocks, seed=i))
@@ -341,7 +341,7 @@ def test_a_worker_killed_mid_io_takes_neither_the_others_nor_the_controller_down
     bufs = [DmaBuffer(ctrl.dma, 8 * 65536) for _ in queues]
 
     def work(i: int, q: QueuePair) -> dict[str, Any]:
-        first = 200_000 + i * 100_000
+        first = 60_000 + i * 10_000
         data = pattern(ns.lba_size, first, 1024, seed=7 + i)
         np.frombuffer(bufs[i].cpu, dtype=np.uint8)[:] = data
         for rnd in range(20):  # heavy writes: 8 x 64 KiB in flight at a time
@@ -355,27 +355,29 @@ def test_a_worker_killed_mid_io_takes_neither_the_others_nor_the_controller_down
                 q.complete(r)
         return {"rounds": 20}
 
-    jobs = run_jobs(ctrl, queues, work, max_bytes=65536)
-    assert [j.ok for j in jobs] == [True, False, True], [j.error for j in jobs]
-    assert jobs[1].signal == signal.SIGKILL
-    # the controller is fine: admin commands, a new queue, what the survivors wrote
-    assert ctrl.identify_controller().MN.startswith(b"QEMU")
-    q = ctrl.create_io_queues(1)[0]
-    for i in (0, 2):
-        first = 200_000 + i * 100_000
-        back = np.zeros(1024 * ns.lba_size, dtype=np.uint8)
-        q.read(ns, first, back)
-        assert np.array_equal(back, pattern(ns.lba_size, first, 1024, seed=7 + i))
-    assert ctrl.resets == []
-    for b in bufs:
-        b.free()
+    try:
+        jobs = run_jobs(ctrl, queues, work, max_bytes=65536)
+        assert [j.ok for j in jobs] == [True, False, True], [j.error for j in jobs]
+        assert jobs[1].signal == signal.SIGKILL
+        # the controller is fine: admin commands, a new queue, what the survivors wrote
+        assert ctrl.identify_controller().MN.startswith(b"QEMU")
+        q = ctrl.create_io_queues(1)[0]
+        for i in (0, 2):
+            first = 60_000 + i * 10_000
+            back = np.zeros(1024 * ns.lba_size, dtype=np.uint8)
+            q.read(ns, first, back)
+            assert np.array_equal(back, pattern(ns.lba_size, first, 1024, seed=7 + i))
+        assert ctrl.resets == []
+    finally:
+        for b in bufs:
+            b.free()
 
 
 def test_the_programs_run_with_jobs() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for args, expect in (
         (
-            ["rw.py", "--device", bdf(), "--lba", "300000", "--blocks", "512", "--jobs", "3"],
+            ["rw.py", "--device", bdf(), "--lba", "100000", "--blocks", "512", "--jobs", "3"],
             "verified: 3 jobs x 512 LBAs",
         ),
         (
