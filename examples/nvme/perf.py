@@ -32,7 +32,7 @@ from uvdma_nvme import IO_READ, IO_WRITE, Controller, NvmeError
 from uvdma_nvme.args import positive_float, positive_int
 from uvdma_nvme.bench import SIM_CLOCK, anchor_ns, device_ns, driver_share, open_controller
 from uvdma_nvme.jobs import run_jobs
-from uvdma_nvme.queue import QueuePair
+from uvdma_nvme.queue import DONE, INFLIGHT, QueuePair
 from uvdma_nvme.sim import SimConfig
 
 
@@ -146,11 +146,24 @@ def run(
         now = clock()
         if not got:
             if now - last_done > timeout_ns:
-                # nothing for a whole command timeout: the driver's recovery (abort, then
-                # reset) for the oldest command, which raises
-                pending = [r for r in inflight if r is not None and not r.done]
+                # nothing for a whole command timeout: the driver's own wait for the oldest
+                # command (recovery: abort, then reset; it raises unless the command
+                # completes after all, and then it is counted like any other)
+                pending = [r for r in inflight if r is not None and r.state == INFLIGHT]
                 oldest = min(pending, key=lambda r: started[r.cid])
-                q.complete(oldest)
+                q.wait(oldest)
+                now = last_done = clock()
+                # that wait reaped whatever else had completed meanwhile: collect them all
+                got = [r for r in inflight if r is not None and r.state == DONE]
+                for r in got:
+                    if r.status:
+                        q.result(r)
+                    lat_append(now - started[r.cid])
+                    idle.append(owner[r.cid])
+                    inflight[r.cid] = None
+                release_all(got)
+                done += len(got)
+                continue
             if wait_irq is not None:
                 with contextlib.suppress(TimeoutError):
                     wait_irq(vector, 0.1)

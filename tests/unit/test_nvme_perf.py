@@ -426,3 +426,41 @@ def test_rw_jobs_each_write_their_range_and_all_verify() -> None:
     assert p.returncode == 0, p.stderr
     assert "job 2 (pid" in p.stdout and "LBAs 610..909 verified" in p.stdout
     assert "verified: 3 jobs x 300 LBAs" in p.stdout
+
+
+def _perf_module() -> Any:
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("perf_under_test", EXAMPLES / "perf.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_perf_waits_out_a_slow_command_and_counts_everything_it_reaped(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    """Nothing completes for a whole command timeout: perf's loop waits for its oldest
+    command through the driver (recovery if need be); when the device answers after all,
+    every command that wait reaped is counted, and the loop ends."""
+    _k, sim, ctrl = rig
+    perf = _perf_module()
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=5)[0]
+    bufs = [DmaBuffer(ctrl.dma, 4096) for _ in range(4)]
+    args = perf.argparse.Namespace(
+        rw="randread", bs=4096, qd=4, batch=0, count=4, seconds=5.0, interrupts=False
+    )
+    ctrl.command_timeout = 3.0
+    sim.hold(q.qid)
+    timer = sim.complete_after(4.0)  # after perf's 3 s, inside the driver's wait (to 6 s)
+    try:
+        out = perf.run(args, ctrl, q, ns, bufs, sim, 1, 0, ns.blocks - 8, None)
+    finally:
+        timer.join()
+        for b in bufs:
+            b.free()
+    assert out["ios"] == 4 and q.outstanding == 0
+    assert len(out["_lat_ns"]) == 4 and min(out["_lat_ns"]) >= 3.9e9
+    assert ctrl.resets == []
