@@ -37,6 +37,11 @@ def verify(data: Any, back: Any, first_lba: int, lba_size: int) -> str | None:
 
 def one(args: argparse.Namespace, ctrl: Controller) -> int:
     ns = ctrl.namespace(args.nsid)
+    if args.lba + args.blocks > ns.blocks:  # before the pattern: it would be that big
+        raise NvmeError(
+            f"--blocks {args.blocks} from LBA {args.lba} run past the end of namespace "
+            f"{ns.nsid} ({ns.blocks} LBAs)"
+        )
     q = ctrl.create_io_queues(1)[0]
     data = pattern(ns.lba_size, args.lba, args.blocks)
     t0 = time.perf_counter()

@@ -117,12 +117,33 @@ def test_bad_constructor_arguments_are_refused_before_anything_is_touched(
     before = len(k.calls)
     for kwargs, msg in (
         ({"admin_depth": 1}, "admin_depth must be 2..4096"),
-        ({"command_timeout": 0}, "command_timeout must be positive"),
+        ({"command_timeout": 0}, "command_timeout must be a positive, finite number"),
+        ({"command_timeout": float("inf")}, "command_timeout must be a positive, finite"),
+        ({"command_timeout": "1"}, "command_timeout must be a positive, finite number"),
         ({"io_queues": 70000}, "io_queues must be 1..65535"),
     ):
         with pytest.raises(ValueError, match=msg):
-            Controller(fake[1], **kwargs)  # type: ignore[arg-type]
+            Controller(fake[1], **kwargs)
     assert k.calls[before:] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--blocks", "99999999999999999999"], ["--lba", "99999999999999999999"]],
+)
+def test_rw_refuses_a_range_past_the_namespace_in_one_line(args: list[str]) -> None:
+    """On the software controller: checked against the namespace before the data pattern
+    (that many LBAs of it) is made; one line, exit 1, no traceback."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "nvme" / "rw.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--device", "sim", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "run past the end of namespace 1" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -323,3 +323,56 @@ def test_use_after_close_of_every_object(tmp_path: Path) -> None:
             with pytest.raises(ControllerClosedError, match=f"controller {BDF} is closed"):
                 call()
         assert k.open_kinds() == []
+
+
+def test_bad_submit_fields_are_refused_before_a_slot_is_taken(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    """More bad raw submits than the queue has slots: each is a clear error, none keeps a
+    command slot, nothing reaches the device, and the queue still works."""
+    _k, sim, ctrl = rig
+    q = ctrl.create_io_queues(1, depth=4)[0]
+    ns = ctrl.namespace(1)
+    before = sim.commands
+    bad: list[dict[str, Any]] = [
+        {"opcode": -1},
+        {"opcode": 256},  # would set the FUSE bits through CDW0
+        {"opcode": 2, "nsid": -1},
+        {"opcode": 2, "nsid": 1 << 32},
+        {"opcode": 2, "prp1": 1 << 64},
+        {"opcode": 2, "cdw": (1 << 32,)},
+        {"opcode": 2, "cdw": (0,) * 7},
+        {"opcode": 2.0},
+    ]
+    for kw in bad:
+        with pytest.raises(NvmeError, match=r"submit: (the|at most)"):
+            q.submit(**kw)
+    assert q.outstanding == 0
+    assert sim.commands == before  # nothing was posted to the device
+    roundtrip(q, ns, 0)
+
+
+def test_closing_the_vfio_device_first_then_the_controller_is_clean(tmp_path: Path) -> None:
+    with sim_controller(tmp_path, small()) as (k, _sim):
+        vd = open_device(BDF, sysfs=tmp_path, backend="type1")
+        ctrl = Controller(vd, command_timeout=0.2)
+        ctrl.create_io_queues(1)
+        vd.close()  # the IOMMU domain and the DMA memory go with it
+        ctrl.close()  # nothing left to free one by one: no error
+        ctrl.close()
+        assert ctrl.closed and k.open_kinds() == [] and k.pinned == 0
+
+
+def test_a_second_controller_on_the_same_device_is_refused(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    """A second Controller would reset the device under the first; it is refused, changes
+    nothing, and once the first is closed the device may be driven again."""
+    k, _sim, ctrl = rig
+    q = ctrl.create_io_queues(1)[0]
+    ns = ctrl.namespace(1)
+    calls = len(k.calls)
+    with pytest.raises(NvmeError, match="already driven by another Controller"):
+        Controller(ctrl.vfio, command_timeout=0.2)
+    assert k.calls[calls:] == []  # not even a register read
+    roundtrip(q, ns, 8)  # the first one never noticed

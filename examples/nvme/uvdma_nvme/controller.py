@@ -5,8 +5,10 @@ drivers/nvme/host/pci.c for the recovery path)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +84,12 @@ class Namespace:
         return self.blocks * self.lba_size
 
 
+# The Controller driving each open VfioDevice (by id: the Controller holds its device, so the
+# id cannot be reused while the entry lives; weak, so a dropped Controller drops out).
+_owners: weakref.WeakValueDictionary[int, Controller] = weakref.WeakValueDictionary()
+_owners_lock = threading.Lock()
+
+
 class Controller:
     """An NVMe controller driven from user space through VFIO.
 
@@ -101,8 +109,15 @@ class Controller:
     ) -> None:
         if not 2 <= admin_depth <= 4096:
             raise ValueError(f"admin_depth must be 2..4096, not {admin_depth}")
-        if not command_timeout > 0:
-            raise ValueError(f"command_timeout must be positive, not {command_timeout}")
+        if (
+            not isinstance(command_timeout, (int, float))
+            or isinstance(command_timeout, bool)
+            or not 0 < command_timeout < math.inf
+        ):
+            raise ValueError(
+                f"command_timeout must be a positive, finite number of seconds, "
+                f"not {command_timeout!r}"
+            )
         if not 1 <= io_queues <= MAX_QUEUES:
             raise ValueError(f"io_queues must be 1..{MAX_QUEUES}, not {io_queues}")
         self.vfio = vfio
@@ -123,6 +138,15 @@ class Controller:
         self.max_transfer = PAGE  # until Identify Controller reports MDTS
         self.leaks: list[str] = []
         self.resets: list[str] = []  # why each reset happened
+        with _owners_lock:  # one Controller per device: a second would reset it under us
+            owner = _owners.get(id(vfio))
+            if owner is not None and not owner._closed:
+                raise NvmeError(
+                    f"controller {self.address} is already driven by another Controller in "
+                    "this process: close that one first, or share it (its methods may be "
+                    "called from several threads)"
+                )
+            _owners[id(vfio)] = self
         self.bar: Bar = vfio.bar(0)
         # the kernel asking for the device back (uvdma unbind, hot-unplug) shuts us down
         vfio.on_release_request(self._release_requested)
@@ -151,6 +175,7 @@ class Controller:
         except BaseException:
             self.leaks = self.dma.close()
             self.fault_log.close()
+            self._disown()
             raise
         try:
             self._enable()
@@ -612,23 +637,35 @@ class Controller:
         """The device can no longer touch anything (disabled, or bus mastering off): give
         every piece of memory back, then the VFIO device."""
         with contextlib.ExitStack() as stack:
-            stack.callback(self.vfio.close)  # runs last
+            stack.callback(self._disown)  # runs last
+            stack.callback(self.vfio.close)
             stack.callback(self.fault_log.close)
 
             def dma_close() -> None:
                 self.leaks = self.dma.close()
 
             stack.callback(dma_close)
-            stack.callback(self.prp_pool.destroy)
-            for q in self._all_queues():
-                stack.callback(q._free_memory)
+            # The VfioDevice closed first (its IOMMU domain, and the DMA memory, went with it):
+            # nothing is left to free one by one, and nothing left to disable through BAR0.
+            gone = self.dma.dma_domain.closed
+            if not gone:
+                stack.callback(self.prp_pool.destroy)
+                for q in self._all_queues():
+                    stack.callback(q._free_memory)
             for t in [*self._transfers, *self._quarantine]:
                 if not t.released:
                     t.released = True
-                    stack.callback(_unmap_no_sync, self.dma, t)
+                    if not gone:
+                        stack.callback(_unmap_no_sync, self.dma, t)
             self._transfers.clear()
             self._quarantine.clear()
-            stack.callback(self._disable)  # runs first
+            if not gone:
+                stack.callback(self._disable)  # runs first
+
+    def _disown(self) -> None:
+        with _owners_lock:
+            if _owners.get(id(self.vfio)) is self:
+                del _owners[id(self.vfio)]
 
     def __enter__(self) -> Controller:
         return self

@@ -261,9 +261,23 @@ class QueuePair:
         cdw: Sequence[int] = (),
         what: str = "",
     ) -> Request:
-        """Submit one command with the given CDW10..15; collect it with :meth:`complete`."""
+        """Submit one command with the given CDW10..15; collect it with :meth:`complete`.
+
+        The fields are checked before a command slot is taken (a bad one is a
+        :class:`~uvdma_nvme.errors.NvmeError` and changes nothing): an 8-bit opcode, a 32-bit
+        NSID and CDWs (at most six), 64-bit PRP entries.
+        """
         if self.qid == 0:
             self.ctrl._check_admin_owner()
+        label = what or "submit"
+        _field(opcode, "opcode", 0xFF, label)
+        _field(nsid, "NSID", 0xFFFF_FFFF, label)
+        _field(prp1, "PRP1", (1 << 64) - 1, label)
+        _field(prp2, "PRP2", (1 << 64) - 1, label)
+        if len(cdw) > 6:
+            raise NvmeError(f"{label}: at most six CDWs (10 to 15), not {len(cdw)}")
+        for i, v in enumerate(cdw):
+            _field(v, f"CDW{10 + i}", 0xFFFF_FFFF, label)
         c = (*cdw, 0, 0, 0, 0, 0, 0)
         req = self._take(what or f"opcode {opcode:#x}")
         self._post(req, opcode, nsid, prp1, prp2, c[0], c[1], c[2], c[3], c[4], c[5])
@@ -712,6 +726,13 @@ class QueuePair:
 
     def __repr__(self) -> str:
         return f"QueuePair(qid {self.qid}, depth {self.depth}, {self.outstanding} outstanding)"
+
+
+def _field(value: object, name: str, top: int, what: str) -> None:
+    """A command field: an integer in 0..top, else a clear error."""
+    v = _integer(value, name, what)
+    if not 0 <= v <= top:
+        raise NvmeError(f"{what}: the {name} must be in 0..{top:#x}, not {v}")
 
 
 def _integer(value: object, name: str, what: str) -> int:
