@@ -85,3 +85,19 @@ def int_arg(lo: int, hi: int) -> Callable[[str], int]:
 
     parse.__name__ = "whole number"
     return parse
+
+
+def seconds_arg(hi: float) -> Callable[[str], float]:
+    """A number of seconds above 0 and at most ``hi`` (no nan, no infinity)."""
+
+    def parse(text: str) -> float:
+        try:
+            s = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not 0 < s <= hi:  # nan fails both comparisons
+            raise argparse.ArgumentTypeError(f"must be above 0 and at most {hi:g}, not {text}")
+        return s
+
+    parse.__name__ = "seconds"
+    return parse

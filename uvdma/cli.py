@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from uvdma import __version__, doctor, pci
-from uvdma._args import int_arg
+from uvdma._args import int_arg, seconds_arg
 from uvdma.errors import UvdmaError
 from uvdma.memory import hugepages
 from uvdma.vm import kernel as vm_kernel
@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     map_p = bench_sub.add_parser("map", help="IOMMU map+unmap latency beside a null ioctl")
     map_p.add_argument("--device", metavar="BDF", help="default: the first vfio-pci device")
     map_p.add_argument("--json", action="store_true")
-    map_p.add_argument("--seconds", type=float, default=2.0, help="time budget per size")
+    map_p.add_argument(
+        "--seconds", type=seconds_arg(3600), default=2.0, help="time budget per size"
+    )
     map_p.set_defaults(func=_cmd_bench_map)
     dma_p = bench_sub.add_parser("dma", help="DMA API latencies beside a no-op anchor")
     dma_p.add_argument("--device", metavar="BDF", help="default: the first vfio-pci device")

@@ -66,6 +66,9 @@ def no_boot(*args: object, **kw: object) -> None:
         (["hugepages", "--count", "1e3"], "--count: '1e3' is not a whole number"),
         (["hugepages", "--count", "9" * 23], "--count: must be between 0 and"),
         (["hugepages", "--count", "9" * 100], "--count: '99999"),
+        (["bench", "map", "--seconds", "-1"], "--seconds: must be above 0 and at most 3600"),
+        (["bench", "map", "--seconds", "1e309"], "--seconds: must be above 0"),
+        (["bench", "map", "--seconds", "soon"], "--seconds: 'soon' is not a number of seconds"),
     ],
 )
 def test_nonsense_arguments_are_refused_with_a_message(
@@ -89,6 +92,7 @@ def test_nonsense_arguments_are_refused_with_a_message(
     [
         (["--nvme", "2", "--nvme-iops", "1,2,3"], "lists 3 values for 2 controllers"),
         (["--nvme-iops", "fast"], "--nvme-iops takes whole numbers"),
+        (["--nvme", "0", "--nvme-iops", "5"], "--nvme 0 asks for none"),
         (["--hugepages", "2000"], "raise --memory to at least"),
         (["--memory", "600M", "--hugepages", "64"], "raise --memory to at least 640M"),
         (["--env", "A B=1"], "not a variable name"),

@@ -96,6 +96,8 @@ def parse_iops(text: str, nvme: int) -> list[int]:
                 f"one or one per controller separated by commas, not {text!r}"
             )
         values.append(int(p))
+    if nvme == 0 and any(values):
+        raise VmError("--nvme-iops limits NVMe controllers, and --nvme 0 asks for none")
     if len(values) == 1:
         return values * nvme
     if len(values) != nvme:
