@@ -119,7 +119,9 @@ def run(
             stopping = True
         if not stopping:
             if batch:
-                while len(idle) >= batch or (idle and submitted + len(idle) >= limit):
+                while submitted < limit and (
+                    len(idle) >= batch or (idle and submitted + len(idle) >= limit)
+                ):
                     n = min(len(idle), batch, limit - submitted)
                     took = [idle.pop() for _ in range(n)]
                     cmds = []

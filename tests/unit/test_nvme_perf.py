@@ -464,3 +464,11 @@ def test_perf_waits_out_a_slow_command_and_counts_everything_it_reaped(
     assert out["ios"] == 4 and q.outstanding == 0
     assert len(out["_lat_ns"]) == 4 and min(out["_lat_ns"]) >= 3.9e9
     assert ctrl.resets == []
+
+
+def test_perf_stops_at_its_count_mid_batch() -> None:
+    """--count reached while idle buffers still make whole batches: the loop stops
+    submitting (it used to spin on empty batches for ever)."""
+    p = _program("perf.py", "--qd", "64", "--batch", "16", "--count", "40", "--json", timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["ios"] == 40
