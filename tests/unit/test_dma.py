@@ -10,7 +10,7 @@ import ctypes
 import itertools
 import mmap
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ from uvdma.dma.region import DmaAllocation, DmaRegion, SgEntry
 from uvdma.dma.zones import Zone, gfp_zone, zone_for_mask, zone_windows
 from uvdma.errors import ClosedError, SizeError, UvdmaError
 from uvdma.memory import hugepages
+from uvdma.memory.hugepages import HugeMemory
 from uvdma.testing.fake_kernel import FakeKernel
 from uvdma.testing.fake_sysfs import make_device
 from uvdma.vfio import VfioDevice, new_domain, open_device
@@ -653,6 +654,31 @@ def test_a_dma_domain_serves_only_devices_of_its_iommu_domain(
         assert len(elsewhere.devices) == 0  # nothing was changed
     with pytest.raises(ClosedError, match="the IOMMU domain is closed"):
         DmaDomain(other)
+
+
+def test_new_memory_is_asked_of_the_iommu_domain_with_the_masks_windows(
+    fake: tuple[FakeKernel, VfioDevice], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with no IOMMU the memory's physical address is its DMA address, so the backend places
+    # the memory itself (NoIommuContainer.memory_for); the page allocator hands it the
+    # windows cut at the device's mask
+    vd = fake[1]
+    asked: list[tuple[int, int]] = []
+    real = vd.domain.memory_for
+
+    def memory_for(size: int, windows: Sequence[tuple[int, int]]) -> HugeMemory:
+        asked.append((size, max(hi for _lo, hi in windows)))
+        return real(size, windows)
+
+    monkeypatch.setattr(vd.domain, "memory_for", memory_for)
+    dev = DmaDevice(vd, coherent_pool="128K")  # the pools: each its zone's windows
+    assert sorted(top for _size, top in asked) == [DMA_BIT_MASK(n) for n in (24, 32, 64)]
+    asked.clear()
+    dma_set_coherent_mask(dev, DMA_BIT_MASK(32))
+    cpu, dma = dma_alloc_coherent(dev, 4 * MiB)  # a region of its own: new memory
+    assert asked == [(4 * MiB, DMA_BIT_MASK(32))]
+    dma_free_coherent(dev, 4 * MiB, cpu, dma)
+    dev.close()
 
 
 def test_dma_domain_teardown_stops_the_pools_then_unmaps_then_frees(

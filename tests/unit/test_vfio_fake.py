@@ -720,3 +720,23 @@ def test_noiommu_alloc_below_refuses_what_cannot_be_one_physical_range(
             domain.alloc_below(2 * MiB, (1 << 32) - 1)
         noiommu.free_hugepages[2 * MiB] = free
         assert noiommu.free_hugepages[2 * MiB] == free and domain.mappings() == []
+
+
+def test_noiommu_places_the_dma_layers_memory_below_the_windows_top(
+    noiommu: FakeKernel, sysfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the page allocator asks the domain for memory (IommuDomain.memory_for); with no IOMMU
+    # the physical address is the DMA address, so up to a hugepage is placed by alloc_below
+    with pytest.warns(NoIommuWarning), open_device(NVME, sysfs=sysfs) as dev:
+        domain = dev.domain
+        assert isinstance(domain, NoIommuContainer)
+        asked: list[tuple[int, int]] = []
+
+        def alloc_below(size: int, limit: int, *, tries: int | None = None) -> object:
+            asked.append((size, limit))
+            return "placed"
+
+        monkeypatch.setattr(domain, "alloc_below", alloc_below)
+        windows = [(1 << 24, (1 << 32) - 1), (0, (1 << 24) - 1)]
+        assert domain.memory_for(2 * MiB, windows) == "placed"  # type: ignore[comparison-overlap]
+        assert asked == [(2 * MiB, (1 << 32) - 1)]

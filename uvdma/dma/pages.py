@@ -40,7 +40,7 @@ from uvdma.dma.zones import U64_MAX, Zone, zone_windows
 from uvdma.errors import ClosedError, IovaExhaustedError, UvdmaError, UvdmaOSError
 from uvdma.genalloc import GenPool, first_fit_order_align
 from uvdma.memory import hugepages
-from uvdma.memory.hugepages import PAGE_2M, HugeMemory, allocate
+from uvdma.memory.hugepages import PAGE_2M, HugeMemory
 from uvdma.vfio.domain import DmaMapping, IommuDomain
 from uvdma.vfio.iova import Window
 
@@ -100,7 +100,7 @@ class PageAllocator:
                 raise UvdmaOSError(
                     errno.ENOMEM, f"pinning DMA memory: {hugepages.memlock_fix(size, status)}"
                 )
-        mem = allocate(size)
+        mem = self.domain.memory_for(size, windows)  # no-IOMMU: placed within the windows
         try:
             try:
                 mapping = self.domain.map_memory(mem, windows=windows)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from uvdma.errors import ClosedError, DeviceReleasedError, DmaMapError, DomainInUseError
-from uvdma.memory.hugepages import HugeMemory
+from uvdma.memory.hugepages import HugeMemory, allocate
 from uvdma.vfio.iova import ANYWHERE, IovaSpace, Window
 
 __all__ = ["DmaMapError", "DmaMapping", "DomainUser", "IommuDomain"]
@@ -129,6 +129,12 @@ class IommuDomain:
         if self._iova is None:
             self._iova = IovaSpace(self.iova_ranges())
         return self._iova
+
+    def memory_for(self, size: int, windows: Sequence[Window]) -> HugeMemory:
+        """Host memory of ``size`` bytes to be mapped at an IOVA inside ``windows``.  With
+        an IOMMU any memory will do (the IOVA is chosen, not the memory); a backend whose
+        DMA address is the memory's physical address (no-IOMMU) places the memory itself."""
+        return allocate(size)
 
     def min_page_size(self) -> int:
         """The smallest IOMMU page size: every map must be aligned to it."""

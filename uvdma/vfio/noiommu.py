@@ -44,7 +44,7 @@ from uvdma.memory import hugepages
 from uvdma.memory.hugepages import HugeMemory, physical_address
 from uvdma.vfio import _ioctl
 from uvdma.vfio.domain import DmaMapping
-from uvdma.vfio.iova import ANYWHERE
+from uvdma.vfio.iova import ANYWHERE, Window
 from uvdma.vfio.type1 import Type1Container, VfioGroup
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,14 @@ class NoIommuContainer(Type1Container):
                 )
 
     # -- placement -------------------------------------------------------------------------
+    def memory_for(self, size: int, windows: Sequence[Window]) -> HugeMemory:
+        """With no IOMMU the DMA address is the physical address: up to one hugepage is
+        placed at or below the highest window's top (:meth:`alloc_below`); larger memory is
+        allocated as usual, and :meth:`map` checks where it lies."""
+        if size > hugepages.PAGE_2M:
+            return super().memory_for(size, windows)
+        return self.alloc_below(size, max(hi for _lo, hi in windows))
+
     def alloc_below(self, size: int, limit: int, *, tries: int | None = None) -> HugeMemory:
         """Hugepage memory of ``size`` bytes (at most one hugepage) whose physical range
         lies at or below ``limit``: the no-IOMMU way of honouring a DMA mask.
