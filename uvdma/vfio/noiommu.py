@@ -257,9 +257,10 @@ class NoIommuContainer(Type1Container):
         )
         raise IovaExhaustedError(
             f"no-IOMMU allocation of {size:#x} bytes below {limit:#x}: {seen}; with no IOMMU "
-            "the mask must be met by the memory itself: reserve hugepages early (hugepages= "
-            "on the kernel command line takes them at boot, or `uvdma hugepages` right after "
-            "boot), or allow a wider DMA mask"
+            "the mask must be met by the memory itself: reserve more hugepages (the kernel "
+            "takes them from the highest memory first, so only pages reserved beyond what "
+            "fits above the limit land below it: `uvdma hugepages --count N`), or allow a "
+            "wider DMA mask"
         )
 
     @staticmethod
