@@ -60,7 +60,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from dataclasses import dataclass
 from heapq import heappop, heappush
-from typing import Any, Final, Literal, overload
+from typing import Any, Final, Literal, NamedTuple, overload
 
 from uvdma._sys import zero
 from uvdma.errors import (
@@ -78,6 +78,7 @@ __all__ = [
     "GenPoolChunk",
     "GenPoolDataAlign",
     "GenPoolDataFixed",
+    "GenPoolDma",
     "best_fit",
     "first_fit",
     "first_fit_align",
@@ -93,7 +94,18 @@ _U64 = 1 << 64  # unsigned long and phys_addr_t: addresses are 0..2**64-1
 # identity from a success at address 0 whose phys is -1.
 _WITH_PHYS: Final = 1
 _WITH_OWNER: Final = 2
-_NO_REGION: Final = (0, -1)
+
+
+class GenPoolDma(NamedTuple):
+    """What ``gen_pool_dma_alloc`` gives: the address and, through its ``dma`` pointer, the
+    DMA (physical) address; -1 where the chunk has none.  Unpacks as ``(vaddr, dma)``."""
+
+    vaddr: int
+    dma: int
+
+
+_pair = tuple.__new__  # GenPoolDma without NamedTuple.__new__'s Python-level call (~250 ns)
+_NO_REGION: Final = GenPoolDma(0, -1)
 
 
 class _FreeRuns:
@@ -593,14 +605,14 @@ class GenPool:
     @overload
     def _alloc(
         self, size: int, algo: GenPoolAlgo, data: Any, want: Literal[1, True]
-    ) -> tuple[int, int]: ...
+    ) -> GenPoolDma: ...
     @overload
     def _alloc(
         self, size: int, algo: GenPoolAlgo, data: Any, want: Literal[2]
     ) -> tuple[int, object]: ...
     def _alloc(
         self, size: int, algo: GenPoolAlgo, data: Any = None, want: int = 0
-    ) -> int | tuple[int, int] | tuple[int, object]:
+    ) -> int | GenPoolDma | tuple[int, object]:
         """``gen_pool_alloc_algo_owner``, the one allocation path every ``alloc`` method
         goes through.  ``want`` says what it returns: 0, the address (0 on failure);
         :data:`_WITH_PHYS`, (address, physical address), :data:`_NO_REGION` on failure,
@@ -653,7 +665,10 @@ class GenPool:
                     return chunk.start_addr + offset
                 if want == _WITH_PHYS:
                     phys = chunk.phys_addr
-                    return chunk.start_addr + offset, (phys + offset if phys != -1 else -1)
+                    return _pair(
+                        GenPoolDma,
+                        (chunk.start_addr + offset, phys + offset if phys != -1 else -1),
+                    )
                 return chunk.start_addr + offset, chunk.owner
             return 0 if not want else (_NO_REGION if want == _WITH_PHYS else (0, None))
         finally:
@@ -683,9 +698,7 @@ class GenPool:
         """``gen_pool_alloc_algo_owner``: :meth:`alloc_algo` that also returns the owner."""
         return self._alloc(size, algo, data, _WITH_OWNER)
 
-    def dma_alloc_algo(
-        self, size: int, algo: GenPoolAlgo, data: Any = None
-    ) -> tuple[int, int] | None:
+    def dma_alloc_algo(self, size: int, algo: GenPoolAlgo, data: Any = None) -> GenPoolDma | None:
         """``gen_pool_dma_alloc_algo``: returns (vaddr, dma address) or None.
 
         An allocation at vaddr 0 (a chunk added at 0) is returned as (0, dma), where the
@@ -694,17 +707,15 @@ class GenPool:
         got = self._alloc(size, algo, data, _WITH_PHYS)
         return None if got is _NO_REGION else got
 
-    def dma_alloc(self, size: int) -> tuple[int, int] | None:
+    def dma_alloc(self, size: int) -> GenPoolDma | None:
         """``gen_pool_dma_alloc``: allocate with the pool's algorithm; (vaddr, dma) or None."""
         return self.dma_alloc_algo(size, self._algo, self._data)
 
-    def dma_alloc_align(self, size: int, align: int) -> tuple[int, int] | None:
+    def dma_alloc_align(self, size: int, align: int) -> GenPoolDma | None:
         """``gen_pool_dma_alloc_align``: allocate at an address aligned to ``align`` bytes."""
         return self.dma_alloc_algo(size, first_fit_align, GenPoolDataAlign(align))
 
-    def dma_zalloc_algo(
-        self, size: int, algo: GenPoolAlgo, data: Any = None
-    ) -> tuple[int, int] | None:
+    def dma_zalloc_algo(self, size: int, algo: GenPoolAlgo, data: Any = None) -> GenPoolDma | None:
         """``gen_pool_dma_zalloc_algo``: :meth:`dma_alloc_algo`, then zero ``size`` bytes."""
         got = self.dma_alloc_algo(size, algo, data)
         if got is None:
@@ -721,11 +732,11 @@ class GenPool:
         zero(addr, size)
         return got
 
-    def dma_zalloc(self, size: int) -> tuple[int, int] | None:
+    def dma_zalloc(self, size: int) -> GenPoolDma | None:
         """``gen_pool_dma_zalloc``: :meth:`dma_alloc` of zeroed memory."""
         return self.dma_zalloc_algo(size, self._algo, self._data)
 
-    def dma_zalloc_align(self, size: int, align: int) -> tuple[int, int] | None:
+    def dma_zalloc_align(self, size: int, align: int) -> GenPoolDma | None:
         """``gen_pool_dma_zalloc_align``: :meth:`dma_alloc_align` of zeroed memory."""
         return self.dma_zalloc_algo(size, first_fit_align, GenPoolDataAlign(align))
 

@@ -28,6 +28,7 @@ from uvdma.genalloc import (
     GenPoolChunk,
     GenPoolDataAlign,
     GenPoolDataFixed,
+    GenPoolDma,
     best_fit,
     first_fit,
     first_fit_align,
@@ -802,3 +803,19 @@ def test_chunk_repr_and_size() -> None:
     pool.for_each_chunk(lambda _p, c: chunks.append(c))
     assert chunks[0].size() == 1 * MiB
     assert "avail=1048576" in repr(chunks[0])
+
+
+def test_dma_allocations_are_typed_and_still_unpack() -> None:
+    """gen_pool_dma_alloc's two results travel as a GenPoolDma (vaddr, dma), not a bare
+    (int, int): named fields, and it still unpacks and compares as the pair."""
+    pool = GenPool(12)
+    pool.add_virt(1 << 20, 1 << 32, 1 << 20)
+    got = pool.dma_alloc_align(8192, 8192)
+    assert isinstance(got, GenPoolDma)
+    assert (got.vaddr, got.dma) == (1 << 20, 1 << 32)
+    vaddr, dma = got
+    assert got == (vaddr, dma)
+    pool.free(vaddr, 8192)
+    nophys = GenPool(12)
+    nophys.add(1 << 20, 1 << 20)  # no physical address: dma is -1, as the kernel's
+    assert nophys.dma_alloc(4096) == GenPoolDma(1 << 20, -1)
