@@ -376,3 +376,16 @@ def test_a_second_controller_on_the_same_device_is_refused(
         Controller(ctrl.vfio, command_timeout=0.2)
     assert k.calls[calls:] == []  # not even a register read
     roundtrip(q, ns, 8)  # the first one never noticed
+
+
+def test_the_controller_makes_and_closes_its_own_dma_domain(tmp_path: Path) -> None:
+    """Explicit, not silent: the controller's DMA domain takes the coherent_pool it is given
+    and goes with the controller, leaving nothing mapped or open."""
+    with sim_controller(tmp_path, small()) as (k, _sim):
+        vd = open_device(BDF, sysfs=tmp_path, backend="type1")
+        ctrl = Controller(vd, command_timeout=0.2, coherent_pool="256K")
+        assert ctrl.dma.dma_domain is ctrl.dma_domain
+        assert ctrl.dma_domain.atomic_pool_size == 256 << 10
+        roundtrip(ctrl.create_io_queues(1)[0], ctrl.namespace(1), 0)
+        ctrl.close()
+        assert ctrl.dma_domain.closed and k.open_kinds() == [] and k.pinned == 0

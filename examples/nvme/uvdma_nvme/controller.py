@@ -20,6 +20,7 @@ from uvdma.dma import (
     DMA_BIT_MASK,
     DmaBuffer,
     DmaDevice,
+    DmaDomain,
     dma_map_single,
     dma_pool_create,
     dma_set_mask_and_coherent,
@@ -95,6 +96,11 @@ class Controller:
 
     Public methods may be called from several threads.  After :meth:`close` (or after the
     kernel asked for the device back) every method raises :class:`ControllerClosedError`.
+
+    The controller makes its own :class:`~uvdma.dma.DmaDomain` over the device's IOMMU
+    domain (``dma_domain``; ``coherent_pool`` sizes its atomic pools, as the kernel's boot
+    parameter does) and closes it with the device: one per controller, never shared
+    silently with another user of that IOMMU domain.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class Controller:
         interrupts: bool = False,
         command_timeout: float = 10.0,
         io_queues: int = DEFAULT_IO_QUEUES,
+        coherent_pool: int | str | None = None,
     ) -> None:
         if not 2 <= admin_depth <= 4096:
             raise ValueError(f"admin_depth must be 2..4096, not {admin_depth}")
@@ -151,7 +158,16 @@ class Controller:
         # the kernel asking for the device back (uvdma unbind, hot-unplug) shuts us down
         vfio.on_release_request(self._release_requested)
         self.fault_log = IommuFaultLog(vfio.address)  # what the IOMMU blocked, from now on
-        self.dma = DmaDevice(vfio)
+        # The controller's own DMA domain, made here and closed in _release_all: its page
+        # allocator serves queues, PRP lists and bounce buffers; its atomic pools (sized by
+        # coherent_pool, pool.c's default when None) serve GFP_ATOMIC callers.
+        self.dma_domain = DmaDomain(vfio.domain, coherent_pool=coherent_pool)
+        try:
+            self.dma = DmaDevice(vfio, self.dma_domain)
+        except BaseException:
+            self.dma_domain.close()
+            self._disown()
+            raise
         try:
             dma_set_mask_and_coherent(self.dma, DMA_BIT_MASK(dma_bits))
             raw = self.bar.read64(Reg.CAP)
@@ -174,6 +190,7 @@ class Controller:
             self.admin = QueuePair(self, 0, min(admin_depth, self.mqes), 0 if interrupts else None)
         except BaseException:
             self.leaks = self.dma.close()
+            self.dma_domain.close()
             self.fault_log.close()
             self._disown()
             raise
@@ -642,7 +659,10 @@ class Controller:
             stack.callback(self.fault_log.close)
 
             def dma_close() -> None:
-                self.leaks = self.dma.close()
+                try:
+                    self.leaks = self.dma.close()
+                finally:
+                    self.dma_domain.close()  # its memory: unmapped, then freed
 
             stack.callback(dma_close)
             # The VfioDevice closed first (its IOMMU domain, and the DMA memory, went with it):
