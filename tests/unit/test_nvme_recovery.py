@@ -389,3 +389,28 @@ def test_the_controller_makes_and_closes_its_own_dma_domain(tmp_path: Path) -> N
         roundtrip(ctrl.create_io_queues(1)[0], ctrl.namespace(1), 0)
         ctrl.close()
         assert ctrl.dma_domain.closed and k.open_kinds() == [] and k.pinned == 0
+
+
+def test_a_read_whose_buffer_was_released_under_it_raises_never_returns_stale_data(
+    rig: tuple[FakeKernel, NvmeSim, Controller], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel asks for the device back (the watcher thread closes the controller) after
+    the device finished a bounced read but before the driver copied it out: the data never
+    reached the caller's buffer, so the read raises instead of returning as if it had
+    (seen in the VM: a holder's read-back compare failed during `uvdma unbind`)."""
+    _k, _sim, ctrl = rig
+    q = ctrl.create_io_queues(1)[0]
+    ns = ctrl.namespace(1)
+    data = pattern(ns.lba_size, 0, 8)
+    q.write(ns, 0, data)
+    real = ctrl._let_go
+
+    def released_first(t: Any, *, copy_out: bool) -> None:
+        ctrl._release_requested(ctrl.vfio)  # what the watcher does, at the worst moment
+        real(t, copy_out=copy_out)
+
+    monkeypatch.setattr(ctrl, "_let_go", released_first)
+    back = np.zeros(data.nbytes + 1, np.uint8)[1:]  # unaligned: bounced
+    with pytest.raises(ControllerClosedError, match="was released"):
+        q.read(ns, 0, back)
+    assert not back.any()  # nothing was copied, and the caller was told

@@ -18,6 +18,7 @@ import numpy as np
 from uvdma.dma import (
     DMA_ATTR_SKIP_CPU_SYNC,
     DMA_BIT_MASK,
+    DMA_TO_DEVICE,
     DmaBuffer,
     DmaDevice,
     DmaDomain,
@@ -583,7 +584,12 @@ class Controller:
         wrote is copied to the caller's buffer only when the transfer succeeded."""
         with self._lock:
             if t.released or t not in self._transfers:
-                return  # quarantined (controller gone) or released by close()
+                # quarantined (controller gone) or released by close() from another thread
+                # after the device finished: what a read brought never reached the caller's
+                # buffer, so the read must not look successful.
+                if copy_out and t.direction != DMA_TO_DEVICE:
+                    raise self._unusable()
+                return
             self._transfers.discard(t)
             t.released = True
             if copy_out:
