@@ -66,6 +66,10 @@ class IommuDomain:
         self._starts: list[int] = []
         self._iova: IovaSpace | None = None
         self._last_hit: DmaMapping | None = None
+        #: Unmaps so far (bumped before each one takes effect): a caller may remember that a
+        #: range is mapped (:meth:`mapping_at`) for as long as this has not changed.  A map
+        #: never invalidates such a memory, so maps do not count.
+        self.unmaps = 0
         self.closed = False
         self._users: list[DomainUser] = []  # the devices opened in this domain
         # type1: the kernel dropped this domain's IOMMU mappings (its last group left the
@@ -213,6 +217,7 @@ class IommuDomain:
                     f"DMA unmap of IOVA {mapping.iova:#x}+{mapping.size:#x}: not mapped in "
                     "this domain (never mapped, or already unmapped)"
                 )
+            self.unmaps += 1
         if not self.detached:  # else the kernel has already dropped it
             self._kernel_unmap(mapping)
         with self._lock:
@@ -240,6 +245,14 @@ class IommuDomain:
             return None
         self._last_hit = m
         return m.vaddr + (iova - m.iova)
+
+    def mapping_at(self, iova: int) -> DmaMapping | None:
+        """The live mapping that contains ``iova`` (what :meth:`translate` finds), or None.
+        Read :attr:`unmaps` before calling: the answer holds while it is unchanged."""
+        if self.closed:
+            raise ClosedError(f"looking up IOVA {iova:#x}: {self!r} is closed")
+        with self._lock:
+            return self._overlapping(iova, 1)
 
     def _overlapping(self, iova: int, size: int) -> DmaMapping | None:
         i = bisect.bisect_right(self._starts, iova + size - 1) - 1
