@@ -96,7 +96,7 @@ def registers_and_dma(address: pci.PciAddress) -> None:
         print(f"  a PRP list page from a dma_pool at dma {block[1]:#x}")
         prp.free(*block)
         prp.destroy()
-        stats = ", ".join(f"{k} {v // KiB} KiB" for k, v in dev.ctx.pools.stats().items())
+        stats = ", ".join(f"{k} {v // KiB} KiB" for k, v in dev.dma_domain.pools.stats().items())
         print(f"  atomic pools (debugfs dma_pools/): {stats}")
         leaks = dev.close()
         print(f"  DMA-API check at close: {len(leaks)} leaks")

@@ -105,7 +105,7 @@ def test_device_dmas_into_every_kind_of_dma_memory_within_the_mask(
 def test_atomic_allocations_from_threads_while_the_worker_expands(vdev: VfioDevice) -> None:
     dev = DmaDevice(vdev, coherent_pool="128K")
     dma_set_mask_and_coherent(dev, DMA_BIT_MASK(64))
-    pools = dev.ctx.pools
+    pools = dev.dma_domain.pools
     start_size = pools.pool_size["kernel"]
     held: list[list[tuple[int, int, int]]] = [[] for _ in range(4)]
     errors: list[BaseException] = []
@@ -151,7 +151,7 @@ def test_the_cannot_block_path_makes_no_system_call(vdev: VfioDevice) -> None:
     counting = CountingKernel(_sys.kernel())
     dev = DmaDevice(vdev, coherent_pool="1M")
     dma_set_mask_and_coherent(dev, DMA_BIT_MASK(32))
-    dev.ctx.pools.flush()
+    dev.dma_domain.pools.flush()
     with _sys.use_kernel(counting):
         for _ in range(200):
             cpu, dma = dma_alloc_coherent(dev, 4096, GFP_ATOMIC)

@@ -108,11 +108,6 @@ class DmaDevice:
         self._streaming: dict[int, Streaming] = {}
         self.closed = False
 
-    @property
-    def ctx(self) -> DmaDomain:
-        """The DMA domain (the name this attribute had before DmaDomain existed)."""
-        return self.dma_domain
-
     def close(self) -> list[str]:
         """Report leaks (DMA-API debug); returns the leak lines. Idempotent.
 
