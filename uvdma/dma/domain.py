@@ -77,8 +77,7 @@ class DmaDomain:
         for dev in list(self.devices):
             if dev._dead is None:
                 dev._dead = (
-                    f"DmaDevice {dev.name}: its DMA domain is closed (its DMA memory went "
-                    "with it)"
+                    f"DmaDevice {dev.name}: its DMA domain is closed (its DMA memory went with it)"
                 )
         try:
             self.pools.close()
