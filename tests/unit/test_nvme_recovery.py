@@ -414,3 +414,21 @@ def test_a_read_whose_buffer_was_released_under_it_raises_never_returns_stale_da
     with pytest.raises(ControllerClosedError, match="was released"):
         q.read(ns, 0, back)
     assert not back.any()  # nothing was copied, and the caller was told
+
+
+def test_a_bad_coherent_pool_gives_back_everything_and_the_device_can_be_driven(
+    tmp_path: Path,
+) -> None:
+    """A Controller that fails while making its DMA domain leaves no owner entry, no fault
+    log and no release handler behind: the same device is driven at once afterwards."""
+    from uvdma.errors import SizeError  # noqa: PLC0415 - only this test needs it
+
+    with sim_controller(tmp_path, small()) as (k, _sim):
+        vd = open_device(BDF, sysfs=tmp_path, backend="type1")
+        with pytest.raises(SizeError) as info:  # kept: its traceback holds the half-built one
+            Controller(vd, command_timeout=0.2, coherent_pool="lots")
+        ctrl = Controller(vd, command_timeout=0.2)  # not "already driven"
+        assert info.value is not None
+        roundtrip(ctrl.create_io_queues(1)[0], ctrl.namespace(1), 0)
+        ctrl.close()
+        assert k.open_kinds() == [] and k.pinned == 0

@@ -188,8 +188,9 @@ class Type1Container(IommuDomain):
             self.groups.remove(group)
         if self._iommu_set and not self.groups and not self.closed:
             # the last group left: the kernel dropped the IOMMU and every mapping with it
-            self.unmaps += 1  # what anyone remembered as mapped is not any more
-            self.detached = True
+            with self._lock:
+                self.unmaps += 1  # what anyone remembered as mapped is not any more
+                self.detached = True
 
     def release_group(self, group: VfioGroup) -> None:
         """Let a group go while the domain stays (the kernel asked for its device back):

@@ -162,11 +162,15 @@ class Controller:
         # The controller's own DMA domain, made here and closed in _release_all: its page
         # allocator serves queues, PRP lists and bounce buffers; its atomic pools (sized by
         # coherent_pool, pool.c's default when None) serve GFP_ATOMIC callers.
-        self.dma_domain = DmaDomain(vfio.domain, coherent_pool=coherent_pool)
+        domain: DmaDomain | None = None
         try:
-            self.dma = DmaDevice(vfio, self.dma_domain)
-        except BaseException:
-            self.dma_domain.close()
+            domain = self.dma_domain = DmaDomain(vfio.domain, coherent_pool=coherent_pool)
+            self.dma = DmaDevice(vfio, domain)
+        except BaseException:  # a bad coherent_pool, no memory: give back what we took
+            if domain is not None:
+                domain.close()
+            self.fault_log.close()
+            vfio.on_release_request(None)
             self._disown()
             raise
         try:

@@ -574,6 +574,7 @@ class QueuePair:
         a refusal submits nothing."""
         checked: list[tuple[int, int, int, int]] = []
         blocks, lba_size, mdts = ns.blocks, ns.lba_size, self._max_transfer
+        lo, end, gen = self._map  # one read: another thread replaces it whole
         for lba_, nblocks_, dma in cmds:  # _check_io's checks, spelled out for speed
             lba, nblocks = lba_, nblocks_
             if (
@@ -583,11 +584,12 @@ class QueuePair:
                 or lba < 0
                 or lba + nblocks > blocks
                 or nblocks * lba_size > mdts
-                or dma < self._map[0]
-                or dma + nblocks * lba_size > self._map[1]
-                or self._domain.unmaps != self._map[2]
+                or dma < lo
+                or dma + nblocks * lba_size > end
+                or self._domain.unmaps != gen
             ):
                 lba, nblocks, _length = self._check_io(ns, lba, nblocks, dma, what)
+                lo, end, gen = self._map  # what the full check remembered
             checked.append((lba, nblocks, nblocks * lba_size, dma))
         nsid = ns.nsid
         sq = self._sq_mem
