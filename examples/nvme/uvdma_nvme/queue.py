@@ -37,6 +37,7 @@ from uvdma_nvme.prp import PRP_ENTRIES, fill_prp_lists, plan_prps, prp_list_page
 from uvdma_nvme.spec import DOORBELLS, PAGE, SQE_FORMAT, IoOpcode
 
 if TYPE_CHECKING:
+    from uvdma.vfio.domain import IommuDomain
     from uvdma_nvme.controller import Controller, Namespace
 
 _SQE = struct.Struct(SQE_FORMAT)
@@ -146,9 +147,7 @@ class QueuePair:
         self._max_transfer = ctrl.max_transfer  # MDTS, known before any I/O queue exists
         # the IOMMU mapping the last I/O's memory was in: [lo, end) under the domain's
         # unmap count (an unmap anywhere makes the next I/O look again)
-        self._domain: Any = ctrl.vfio.domain
-        # a mapping may be remembered only where the domain counts its unmaps
-        self._cacheable = hasattr(self._domain, "unmaps") and hasattr(self._domain, "mapping_at")
+        self._domain: IommuDomain = ctrl.vfio.domain
         # (lo, end, unmap count) in one tuple: threads replace it whole, never torn
         self._map: tuple[int, int, int] = (0, 0, -1)
         self._reset_state()
@@ -493,12 +492,12 @@ class QueuePair:
         mapping it lies in, where the domain counts its unmaps (else ask for both ends)."""
         domain = self._domain
         try:
-            if self._cacheable:
-                gen = domain.unmaps  # before the lookup: an unmap in between voids it
-                m = domain.mapping_at(dma)
-                if m is not None and dma + length <= m.iova + m.size:
-                    self._map = (m.iova, m.iova + m.size, gen)
-                    return
+            gen = domain.unmaps  # before the lookup: an unmap in between voids it
+            m = domain.mapping_at(dma)
+            if m is not None and dma + length <= m.iova + m.size:
+                self._map = (m.iova, m.iova + m.size, gen)
+                return
+            # a range over adjacent mappings: both ends mapped (not remembered)
             translate = domain.translate
             if translate(dma) is not None and translate(dma + length - 1) is not None:
                 return
