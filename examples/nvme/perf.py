@@ -3,9 +3,11 @@
 python examples/nvme/perf.py --device 0000:01:00.0 --rw randread --qd 32 --seconds 5 [--json]
 python examples/nvme/perf.py --device sim --qd 32 --json      # the software controller
 
-The loop keeps --qd commands in flight: every completion reaped is resubmitted in the same
-pass (--batch N: N at a time, one doorbell write).  --jobs N forks N worker processes
-after bring-up, each with a queue pair and buffers of its own (uvdma_nvme.jobs).  With
+The loop keeps --qd commands in flight: the completions each reap returns are resubmitted in
+the same pass, together, with one doorbell write (as Linux's blk-mq rings once per batch:
+``bd->last``); --batch N submits N at a time, and --batch 1 one per io() call.  --jobs N
+forks N worker processes after bring-up, each with a queue pair and buffers of its own
+(uvdma_nvme.jobs).  With
 --json the report adds mean_qd (the depth achieved: Little's law over the measured
 latencies) and, on the software controller, driver_ns_per_io (the driver and this loop per
 I/O, the controller's own cost taken out), device_ns_per_io (that cost) and anchor_ns (a
@@ -117,12 +119,22 @@ def run(
     while True:
         if not stopping and (now - t0 >= seconds_ns or submitted >= limit):
             stopping = True
-        if not stopping:
-            if batch:
+        if not stopping and idle:
+            if batch == 1 or len(idle) == 1:
+                while idle and submitted < limit:
+                    b = idle.pop()
+                    r = io(opcode, ns, table[k & 0xFFFF], nblocks, dma[b], what)
+                    k += 1
+                    owner[r.cid] = b
+                    started[r.cid] = now
+                    inflight[r.cid] = r
+                    submitted += 1
+            else:
+                size = batch or len(idle)  # by default what this pass freed, all at once
                 while submitted < limit and (
-                    len(idle) >= batch or (idle and submitted + len(idle) >= limit)
+                    len(idle) >= size or (idle and submitted + len(idle) >= limit)
                 ):
-                    n = min(len(idle), batch, limit - submitted)
+                    n = min(len(idle), size, limit - submitted)
                     took = [idle.pop() for _ in range(n)]
                     cmds = []
                     for b in took:
@@ -133,15 +145,6 @@ def run(
                         started[r.cid] = now
                         inflight[r.cid] = r
                     submitted += n
-            else:
-                while idle and submitted < limit:
-                    b = idle.pop()
-                    r = io(opcode, ns, table[k & 0xFFFF], nblocks, dma[b], what)
-                    k += 1
-                    owner[r.cid] = b
-                    started[r.cid] = now
-                    inflight[r.cid] = r
-                    submitted += 1
         if submitted == done:
             break
         got = reap()
@@ -224,7 +227,10 @@ def main() -> int:
     parser.add_argument("--bs", type=positive_int, default=4096, help="bytes per I/O")
     parser.add_argument("--qd", type=positive_int, default=1, help="queue depth")
     parser.add_argument(
-        "--batch", type=positive_int, default=0, help="submit this many at a time (one doorbell)"
+        "--batch",
+        type=positive_int,
+        default=0,
+        help="submit this many at a time, one doorbell write (default: what each reap freed)",
     )
     parser.add_argument("--jobs", type=positive_int, default=1, help="worker processes")
     parser.add_argument("--seconds", type=positive_float, default=5.0)

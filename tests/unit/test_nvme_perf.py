@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from uvdma.dma import DmaBuffer
+from uvdma.dma import DMA_TO_DEVICE, DmaBuffer, dma_map_single, dma_unmap_single
 from uvdma.testing.fake_kernel import FakeKernel
 from uvdma.vfio import open_device
 from uvdma_nvme import (
@@ -109,6 +109,59 @@ def test_a_batch_that_cannot_all_go_submits_none(
         assert sim.sq_doorbell_writes == 0 and sim.io_commands == 0 and q.outstanding == 0
         q.release_all(q.io_batch(IO_READ, ns, good, "r") and q.reap())  # all three fit
         assert q.outstanding == 0
+
+
+def test_a_batch_over_two_mappings_and_numpy_integers_goes_whole_with_one_doorbell(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    """The one-pass checks remember one mapping: commands in another, and numpy LBAs, take
+    the full checks and are then submitted together, not one by one."""
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=16)[0]
+    other = mmap.mmap(-1, 2 * 4096)
+    other[:] = pattern(512, 40, 16).tobytes()
+    with DmaBuffer(ctrl.dma, 2 * 4096) as buf:
+        np.frombuffer(buf.cpu, dtype=np.uint8)[:] = pattern(512, 20, 16)
+        far = dma_map_single(ctrl.dma, other, DMA_TO_DEVICE)
+        try:
+            sim.reset_cost()
+            cmds = [
+                (np.int64(20), 8, buf.dma),
+                (40, np.uint32(8), far),
+                (28, 8, buf.dma + 4096),
+                (48, 8, far + 4096),
+            ]
+            reqs = q.io_batch(IO_WRITE, ns, cmds, "w")
+            assert len(reqs) == 4 and sim.sq_doorbell_writes == 1
+            got = q.reap()
+            assert all(q.result(r) == 0 for r in got) and len(got) == 4
+            q.release_all(got)
+        finally:
+            dma_unmap_single(ctrl.dma, far, 2 * 4096, DMA_TO_DEVICE)
+    data = sim.namespace_data()
+    assert bytes(data[20 * 512 : 36 * 512]) == pattern(512, 20, 16).tobytes()
+    assert bytes(data[40 * 512 : 56 * 512]) == pattern(512, 40, 16).tobytes()
+
+
+def test_a_batch_whose_mappings_keep_changing_is_refused_and_submits_nothing(
+    rig: tuple[FakeKernel, NvmeSim, Controller], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=8)[0]
+    with DmaBuffer(ctrl.dma, 4096) as buf:
+        check = q._check_io
+
+        def unmap_meanwhile(*a: Any) -> tuple[int, int, int]:
+            q._domain.unmaps += 1  # as if another thread unmapped something each time
+            return check(*a)
+
+        monkeypatch.setattr(q, "_check_io", unmap_meanwhile)
+        sim.reset_cost()
+        with pytest.raises(NvmeError, match="mappings changed under every one of 100"):
+            q.io_batch(IO_READ, ns, [(0, 8, buf.dma), (8, 8, buf.dma)], "r")
+        assert sim.sq_doorbell_writes == 0 and q.outstanding == 0
 
 
 def test_release_all_refuses_what_is_still_in_flight(
@@ -233,12 +286,14 @@ def test_every_fast_path_check_stays(rig: tuple[FakeKernel, NvmeSim, Controller]
 def test_prp_runs_by_exact_value() -> None:
     entries = np.zeros(PRP_ENTRIES, dtype=np.uint64)
     scratch = np.zeros((), dtype=np.uint64)
-    for n in (1, 3, 8, 9, 100, PRP_ENTRIES):  # struct up to 8 entries, numpy above
-        entries[:] = 7
-        fill_run(entries, 0xA000_0000_0000, n, scratch if n % 2 else None)
-        want = [0xA000_0000_0000 + 4096 * i for i in range(n)]
-        assert entries[:n].tolist() == want
-        assert (entries[n:] == 7).all()  # nothing past the run
+    # one integer's bytes up to 48 entries, numpy above; a first address with its top bit
+    # set shows no field carries into the next
+    for first in (0xA000_0000_0000, 1 << 63 | 0x1000):
+        for n in (1, 3, 8, 47, 48, 49, 100, PRP_ENTRIES):
+            entries[:] = 7
+            fill_run(entries, first, n, scratch if n % 2 else None)
+            assert entries[:n].tolist() == [first + 4096 * i for i in range(n)]
+            assert (entries[n:] == 7).all()  # nothing past the run
 
 
 def test_transfers_with_prp_lists_on_the_fast_path(

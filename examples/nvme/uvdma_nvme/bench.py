@@ -92,9 +92,11 @@ def driver_path(
 ) -> float:
     """ns per I/O of the driver's own path at queue depth ``qd`` (reads of ``bs`` bytes at
     LBAs from a precomputed list, on a new queue): submit, reap, collect, resubmit; the
-    controller's own cost taken out (:func:`driver_share`).  ``batch``: submit that many
-    with one doorbell write (:meth:`QueuePair.io_batch`) and give back what each reap
-    returned at once."""
+    controller's own cost taken out (:func:`driver_share`).  ``batch`` 0: perf.py's
+    default, what each reap returned given back at once (:meth:`QueuePair.release_all`)
+    and resubmitted with one doorbell write (:meth:`QueuePair.io_batch`; one at a time
+    with :meth:`QueuePair.io` when a reap returned one); ``batch`` N: N at a time;
+    ``batch`` -1: one :meth:`QueuePair.io` and one :meth:`QueuePair.complete` per I/O."""
     ns = ctrl.namespace(1)
     q = ctrl.create_io_queues(1, depth=qd + 1)[0]
     nblocks = bs // ns.lba_size
@@ -107,12 +109,13 @@ def driver_path(
         sim.reset_cost()
         done = k = 0
         cpu0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-        if batch:
+        if batch >= 0 and qd > 1:
             io_batch, reap, release_all = q.io_batch, q.reap, q.release_all
             free = list(range(qd))
             while done < ios:
-                while len(free) >= batch:
-                    took = [free.pop() for _ in range(batch)]
+                size = batch or len(free)
+                while free and len(free) >= size:
+                    took = [free.pop() for _ in range(size)]
                     cmds = []
                     for b in took:
                         cmds.append((lbas[k & 4095], nblocks, dma[b]))
@@ -195,6 +198,8 @@ def measure(ios: int = 100_000, runs: int = 3) -> dict[str, Any]:
     with sim_driver(cfg) as (ctrl, sim):
         for qd in (1, 32):
             best(f"driver_qd{qd}_4k", functools.partial(driver_path, ctrl, sim, qd, 4096, ios))
+        # QD32 with one io() and one complete() per I/O (no batching at all)
+        best("io_qd32_4k", functools.partial(driver_path, ctrl, sim, 32, 4096, ios, batch=-1))
         best("batch32_4k", functools.partial(driver_path, ctrl, sim, 32, 4096, ios, batch=32))
         for bs in (65536, 131072, 1 << 20):
             best(f"prp_per_page_{bs // 1024}k", functools.partial(prp_ns_per_page, ctrl, bs))

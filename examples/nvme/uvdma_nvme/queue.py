@@ -56,6 +56,12 @@ def _region(dev: DmaDevice, size: int) -> DmaRegion:
 
 
 FREE, INFLIGHT, DONE, FAILED = 0, 1, 2, 3
+
+
+class _RecheckError(Exception):
+    """io_batch's one-pass checks met a command they cannot pass: check it in full."""
+
+
 LOST = -1  # timed out in a worker process, which cannot recover it: kept until it completes
 
 
@@ -294,31 +300,36 @@ class QueuePair:
                 raise self._unusable()
             cqe = self._cqe
             head, phase = self._cq_head, self._phase
+            want = phase << 16  # the phase tag of a new entry, in DW3
             dw3 = cqe[(head << 2) + 3]
-            if (dw3 >> 16) & 1 != phase:
+            if dw3 & 0x10000 != want:
                 return []  # nothing new: the common answer of a poll
             requests = self._requests
-            nreq = len(requests)
             depth = self.depth
             admin = self.qid == 0
             done: list[Request] = []
-            while (dw3 >> 16) & 1 == phase:
-                cid = dw3 & 0xFFFF
-                if cid < nreq:
-                    req = requests[cid]
-                    if req.state == INFLIGHT:
+            add = done.append
+            inflight = INFLIGHT
+            while dw3 & 0x10000 == want:
+                try:
+                    req = requests[dw3 & 0xFFFF]
+                except IndexError:
+                    pass  # a CID this queue never used: nothing to complete
+                else:
+                    state = req.state
+                    if state == inflight:
                         req.status = dw3 >> 17
                         if admin or not req.rw:  # a Read's or Write's DW0 means nothing
                             req.dw0 = cqe[head << 2]
                         req.state = DONE
-                        done.append(req)
-                    elif req.state == LOST:  # its caller was told; the device is done now
+                        add(req)
+                    elif state == LOST:  # its caller was told; the device is done now
                         req.state = FREE
                         req.error = None
-                        self._free.append(cid)
+                        self._free.append(req.cid)
                 head += 1
                 if head == depth:
-                    head, phase = 0, phase ^ 1
+                    head, phase, want = 0, phase ^ 1, want ^ 0x10000
                 dw3 = cqe[(head << 2) + 3]
             self._cq_head, self._phase = head, phase
             self._cq_doorbell.value = head
@@ -569,43 +580,73 @@ class QueuePair:
     ) -> list[Request]:
         """Submit one read/write per ``(lba, nblocks, dma)`` of ``cmds`` with one doorbell
         write (NVMe 2.0, 4.2: the tail may move past many entries at once).  Every command
-        is checked as :meth:`io` checks it, and room for all of them, before any is taken:
-        a refusal submits nothing."""
-        checked: list[tuple[int, int, int, int]] = []
-        blocks, lba_size, mdts = ns.blocks, ns.lba_size, self._max_transfer
-        lo, end, gen = self._map  # one read: another thread replaces it whole
-        for lba_, nblocks_, dma in cmds:  # _check_io's checks, spelled out for speed
-            lba, nblocks = lba_, nblocks_
-            if (
-                lba.__class__ is not int
-                or nblocks.__class__ is not int
-                or nblocks < 1
-                or lba < 0
-                or lba + nblocks > blocks
-                or nblocks * lba_size > mdts
-                or dma < lo
-                or dma + nblocks * lba_size > end
-                or self._domain.unmaps != gen
-            ):
-                lba, nblocks, _length = self._check_io(ns, lba, nblocks, dma, what)
-                lo, end, gen = self._map  # what the full check remembered
-            checked.append((lba, nblocks, nblocks * lba_size, dma))
-        nsid = ns.nsid
-        sq = self._sq_mem
-        pack = _RW_SQE.pack_into
+        is checked as :meth:`io` checks it, and room for all of them, before the doorbell
+        is written: a refusal submits nothing."""
+        out = self._batch(opcode, ns, cmds, what, None)
+        for _ in range(100):
+            if out is not None:
+                return out
+            # a command the one-pass checks could not pass (not a plain int, outside the
+            # remembered mapping, out of range): every check in full, outside the lock (the
+            # mapped-range lookup takes the domain's lock); then submit without re-checking
+            # unless an unmap came in between
+            gen = self._domain.unmaps
+            norm: list[tuple[int, int, int]] = []
+            for lba, n, dma in cmds:
+                lba_, n_, _length = self._check_io(ns, lba, n, dma, what)
+                norm.append((lba_, n_, dma))
+            out = self._batch(opcode, ns, norm, what, gen)
+        raise NvmeError(
+            f"{what}: the device's IOMMU mappings changed under every one of 100 attempts to "
+            "check this batch: stop unmapping memory while submitting I/O"
+        )
+
+    def _batch(
+        self,
+        opcode: int,
+        ns: Namespace,
+        cmds: Sequence[tuple[int, int, int]],
+        what: str,
+        checked: int | None,
+    ) -> list[Request] | None:
+        """io_batch in one pass under the lock: the commands, or None (nothing taken) when
+        one needs a check this pass does not make (not a plain int, outside the remembered
+        mapping, out of range): the caller checks them in full and says why.  ``checked``:
+        the domain's unmap count before the caller checked every command in full (their
+        mapped ranges then stand while it is unchanged)."""
+        blocks, lba_size, mdts, nsid = ns.blocks, ns.lba_size, self._max_transfer, ns.nsid
+        requests, sq, pack, depth = self._requests, self._sq_mem, _RW_SQE.pack_into, self.depth
         out: list[Request] = []
-        with self._lock:
+        take = out.append
+        self._acquire()
+        try:
             if self._blocked:
                 raise self._unusable()
             free = self._free
-            if len(free) < len(checked):
-                raise self._full(what, len(checked))
+            if len(free) < len(cmds):
+                raise self._full(what, len(cmds))
+            lo, end, gen = self._map  # one read: another thread replaces it whole
+            if checked is not None:
+                gen, lo, end = checked, 0, 1 << 66  # every range was checked in full
+            if self._domain.unmaps != gen:
+                return None
+            pop = free.pop
             tail = self._sq_tail
-            depth = self.depth
             try:
-                for lba, nblocks, length, dma in checked:
-                    req = self._requests[free.pop()]
-                    out.append(req)
+                for lba, nblocks, dma in cmds:
+                    if (
+                        lba.__class__ is not int
+                        or nblocks.__class__ is not int
+                        or nblocks < 1
+                        or lba < 0
+                        or lba + nblocks > blocks
+                    ):
+                        raise _RecheckError
+                    length = nblocks * lba_size
+                    if length > mdts or dma < lo or dma + length > end:
+                        raise _RecheckError
+                    req = requests[pop()]
+                    take(req)
                     req.what = what
                     if not req.rw:
                         req.rw = True
@@ -615,16 +656,20 @@ class QueuePair:
                     tail += 1
                     if tail == depth:
                         tail = 0
-            except BaseException:
+            except BaseException as e:
                 # nothing was submitted: the entries past the device's tail are not its yet
                 for req in reversed(out):
                     free.append(req.cid)
+                if e.__class__ is _RecheckError:
+                    return None
                 raise
             for req in out:
                 req.state = INFLIGHT
             self._sq_tail = tail
             self._sq_doorbell.value = tail
-        return out
+            return out
+        finally:
+            self._release()
 
     def _transfer(self, opcode: int, ns: Namespace, lba: int, buf: Any, what: str) -> None:
         ctrl = self.ctrl
