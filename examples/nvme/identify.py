@@ -1,6 +1,7 @@
 """Identify an NVMe controller and its namespaces: what a person wants to know about a drive.
 
 python examples/nvme/identify.py --device 0000:01:00.0   (bound to vfio-pci; root)
+python examples/nvme/identify.py --device sim            (the software controller)
 """
 
 from __future__ import annotations
@@ -9,15 +10,18 @@ import argparse
 import sys
 
 from uvdma.errors import UvdmaError
-from uvdma_nvme import Controller, NvmeError
+from uvdma_nvme import NvmeError
+from uvdma_nvme.bench import open_controller
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", required=True, metavar="BDF")
+    parser.add_argument(
+        "--device", required=True, metavar="BDF", help="a PCI address, or 'sim' (software)"
+    )
     args = parser.parse_args()
     try:
-        with Controller.open(args.device) as ctrl:
+        with open_controller(args.device) as (ctrl, _sim):
             major, minor, _ = ctrl.version
             print(f"controller {args.device}: {ctrl.model}")
             print(f"  serial {ctrl.serial}, firmware {ctrl.firmware}")

@@ -7,12 +7,11 @@ The loop keeps --qd commands in flight: the completions each reap returns are re
 the same pass, together, with one doorbell write (as Linux's blk-mq rings once per batch:
 ``bd->last``); --batch N submits N at a time, and --batch 1 one per io() call.  --jobs N
 forks N worker processes after bring-up, each with a queue pair and buffers of its own
-(uvdma_nvme.jobs).  With
---json the report adds mean_qd (the depth achieved: Little's law over the measured
-latencies) and, on the software controller, driver_ns_per_io (the driver and this loop per
-I/O, the controller's own cost taken out), device_ns_per_io (that cost) and anchor_ns (a
-no-op method call pair timed in the same run).  Progress: one line a second; on a terminal
-it rewrites itself.
+(uvdma_nvme.jobs).  With --json the report adds mean_qd (the depth achieved: Little's law
+over the measured latencies) and, on the software controller, driver_ns_per_io (the driver
+and this loop per I/O, the controller's own cost taken out), device_ns_per_io (that cost),
+doorbells (SQ doorbell writes) and anchor_ns (a no-op method call pair timed in the same
+run).  Progress: one line a second; on a terminal it rewrites itself.
 """
 
 from __future__ import annotations
@@ -198,6 +197,7 @@ def run(
         "cpu_ns_per_io": round(cpu_ns / done, 1) if done else None,
     }
     if sim is not None:
+        out["doorbells"] = sim.sq_doorbell_writes  # SQ tail doorbell writes: batching shows
         dev = device_ns(sim)  # by the controller's clock: wall time
         driver = driver_share(cpu_ns, elapsed_ns, dev)
         out["driver_ns_per_io"] = round(driver / done, 1) if done else None
@@ -299,6 +299,8 @@ def main() -> int:
         "lat_us": percentiles(lat),
         "anchor_ns": round(anchor, 1),
     }
+    if all("doorbells" in j for j in jobs):
+        result["doorbells"] = sum(j["doorbells"] for j in jobs)
     for key in ("driver_ns_per_io", "device_ns_per_io", "cpu_ns_per_io"):
         vals = [j[key] for j in jobs if j.get(key) is not None]
         if vals:

@@ -454,6 +454,27 @@ def test_perf_batch_and_jobs() -> None:
     assert r["batch"] == 8 and r["mean_qd"] > 16  # two jobs of 16
 
 
+def test_perf_resubmits_what_each_reap_freed_with_one_doorbell_write() -> None:
+    """By default the completions of a pass go back with one doorbell write (the software
+    controller completes a command in the doorbell write, so each pass frees all 8);
+    --batch 1 writes the doorbell once per I/O."""
+    p = _program("perf.py", "--qd", "8", "--count", "8000", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["ios"] == 8000 and r["batch"] == 0
+    assert r["doorbells"] <= 8000 // 8 + 8  # one per pass of 8 (and the first fill)
+    p = _program("perf.py", "--qd", "8", "--count", "2000", "--batch", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["doorbells"] == 2000
+
+
+def test_identify_on_the_software_controller() -> None:
+    p = _program("identify.py")
+    assert p.returncode == 0, p.stderr
+    assert "controller sim: uvdma software NVMe controller" in p.stdout
+    assert "namespace 1:" in p.stdout and "health:" in p.stdout
+
+
 def test_perf_progress_in_a_log_is_one_line_a_second() -> None:
     p = _program("perf.py", "--qd", "4", "--seconds", "3.5")
     assert p.returncode == 0, p.stderr
