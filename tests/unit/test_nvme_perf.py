@@ -542,3 +542,29 @@ def test_perf_stops_at_its_count_mid_batch() -> None:
     p = _program("perf.py", "--qd", "64", "--batch", "16", "--count", "40", "--json", timeout=60)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["ios"] == 40
+
+
+def test_the_benchmark_measures_every_row() -> None:
+    """A smoke run of ``python -m uvdma_nvme.bench`` (figures are never asserted: only that
+    each row is measured, and the floor's stand-in really completed its I/Os)."""
+    p = subprocess.run(
+        [sys.executable, "-m", "uvdma_nvme.bench", "--ios", "3000", "--runs", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    rows = {k for k, v in r.items() if isinstance(v, dict)}
+    assert rows == {
+        "driver_qd1_4k",
+        "driver_qd32_4k",
+        "io_qd32_4k",
+        "batch32_4k",
+        "floor_batch32",
+        "prp_per_page_64k",
+        "prp_per_page_128k",
+        "prp_per_page_1024k",
+    }
+    assert all(r[k]["ns"] > 0 and r[k]["x_anchor"] > 0 for k in rows) and r["anchor_ns"] > 0
