@@ -119,7 +119,7 @@ def run(
         if not stopping and (now - t0 >= seconds_ns or submitted >= limit):
             stopping = True
         if not stopping and idle:
-            if batch == 1 or len(idle) == 1:
+            if batch == 1 or (not batch and len(idle) == 1):
                 while idle and submitted < limit:
                     b = idle.pop()
                     r = io(opcode, ns, table[k & 0xFFFF], nblocks, dma[b], what)

@@ -153,7 +153,7 @@ def test_a_batch_whose_mappings_keep_changing_is_refused_and_submits_nothing(
     with DmaBuffer(ctrl.dma, 4096) as buf:
         check = q._check_io
 
-        def unmap_meanwhile(*a: Any) -> tuple[int, int, int]:
+        def unmap_meanwhile(*a: Any) -> tuple[int, int, int, int]:
             q._domain.unmaps += 1  # as if another thread unmapped something each time
             return check(*a)
 
@@ -162,6 +162,128 @@ def test_a_batch_whose_mappings_keep_changing_is_refused_and_submits_nothing(
         with pytest.raises(NvmeError, match="mappings changed under every one of 100"):
             q.io_batch(IO_READ, ns, [(0, 8, buf.dma), (8, 8, buf.dma)], "r")
         assert sim.sq_doorbell_writes == 0 and q.outstanding == 0
+
+
+def test_a_dma_address_that_is_no_plain_int_is_checked_in_full(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    """A numpy address whose end wraps past 2**64 looked inside the remembered mapping;
+    one whose PRP2 overflows a 64-bit field raised struct.error and lost the slot in io();
+    a float was a TypeError.  Each is now a clear error that changes nothing."""
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=8)[0]
+    with DmaBuffer(ctrl.dma, 4096) as buf:
+        q.complete(q.io(IO_READ, ns, 0, 8, buf.dma, "prime"))  # a mapping remembered
+        sim.reset_cost()
+        bad: list[Any] = [np.uint64(2**64 - 512), np.int64(2**63 - 512), 1.5, True]
+        for dma in bad:
+            for _ in range(3):
+                with pytest.raises(NvmeError, match=r"not mapped|DMA address must be"):
+                    q.io(IO_READ, ns, 0, 8, dma, "r")
+                with pytest.raises(NvmeError, match=r"not mapped|DMA address must be"):
+                    q.io_batch(IO_READ, ns, [(0, 8, buf.dma), (8, 8, dma)], "r")
+        assert sim.sq_doorbell_writes == 0 and q.outstanding == 0
+        assert sorted(q._free) == list(range(len(q._requests)))  # no slot lost
+        q.release_all(q.io_batch(IO_READ, ns, [(0, 8, np.uint64(buf.dma))], "r") and q.reap())
+
+
+def test_io_batch_takes_any_iterable(rig: tuple[FakeKernel, NvmeSim, Controller]) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=8)[0]
+    with DmaBuffer(ctrl.dma, 2 * 4096) as buf:
+        sim.reset_cost()
+        # numpy LBAs send the batch through the full checks: the generator is read twice
+        cmds = ((np.int64(8 * i), 8, buf.dma + 4096 * i) for i in range(2))
+        reqs = q.io_batch(IO_READ, ns, cmds, "gen")
+        assert len(reqs) == 2 and sim.sq_doorbell_writes == 1
+        q.release_all(q.reap())
+
+
+def test_a_ctrl_c_inside_submit_or_reap_keeps_neither_the_lock_nor_a_slot(
+    rig: tuple[FakeKernel, NvmeSim, Controller], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=8)[0]
+    with DmaBuffer(ctrl.dma, 4 * 4096) as buf:
+
+        def interrupted(*a: Any) -> int:
+            raise KeyboardInterrupt
+
+        sim.reset_cost()
+        with monkeypatch.context() as m:
+            m.setattr(q, "_prp2", interrupted)  # a 16 KiB transfer needs a PRP list
+            with pytest.raises(KeyboardInterrupt):
+                q.io(IO_READ, ns, 0, 32, buf.dma, "r")
+            with pytest.raises(KeyboardInterrupt):
+                q.io_batch(IO_READ, ns, [(0, 8, buf.dma), (8, 32, buf.dma)], "r")
+        assert not q._lock.locked() and q.outstanding == 0 and sim.sq_doorbell_writes == 0
+        assert all(r.state == 0 for r in q._requests)
+        reqs = q.io_batch(IO_READ, ns, [(8 * i, 8, buf.dma + 4096 * i) for i in range(3)], "r")
+        cqe = q._cqe
+
+        class CtrlCOnTheSecondEntry:
+            reads = 0
+
+            def __getitem__(self, i: int) -> int:
+                self.reads += 1
+                if self.reads == 3:  # DW3 of the first entry, its next, then Ctrl-C
+                    raise KeyboardInterrupt
+                return int(cqe[i])
+
+        q._cqe = CtrlCOnTheSecondEntry()  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):
+            q.reap()
+        q._cqe = cqe
+        assert not q._lock.locked()
+        got = q.reap()  # the head had not moved: every completion is found again
+        assert sorted(r.cid for r in got) == sorted(r.cid for r in reqs)
+        q.release_all(got)
+        assert q.outstanding == 0
+
+
+def test_perf_batch_n_submits_n_at_a_time_when_completions_trickle_in(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    """A drive that completes one command per poll: --batch 4 still submits in fours (it
+    sent nearly every I/O alone with io() when one buffer was idle)."""
+    _k, sim, ctrl = rig
+    perf = _perf_module()
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=9)[0]
+    bufs = [DmaBuffer(ctrl.dma, 4096) for _ in range(8)]
+    sizes: list[int] = []
+
+    class OneAtATime:
+        def __init__(self) -> None:
+            self.stash: list[Any] = []
+
+        def io(self, *a: Any) -> Any:
+            sizes.append(1)
+            return q.io(*a)
+
+        def io_batch(self, op: int, ns_: Any, cmds: Any, what: str) -> Any:
+            sizes.append(len(cmds))
+            return q.io_batch(op, ns_, cmds, what)
+
+        def reap(self) -> list[Any]:
+            self.stash += q.reap()
+            return [self.stash.pop(0)] if self.stash else []
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(q, name)
+
+    args = perf.argparse.Namespace(
+        rw="randread", bs=4096, qd=8, batch=4, count=200, seconds=5.0, interrupts=False
+    )
+    try:
+        out = perf.run(args, ctrl, OneAtATime(), ns, bufs, sim, 1, 0, ns.blocks - 8, None)
+    finally:
+        for b in bufs:
+            b.free()
+    assert out["ios"] == 200 and set(sizes) == {4} and sum(sizes) == 200
 
 
 def test_release_all_refuses_what_is_still_in_flight(

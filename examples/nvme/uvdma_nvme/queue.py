@@ -14,8 +14,8 @@ import operator
 import struct
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -140,7 +140,6 @@ class QueuePair:
         # the admin queue's lock is re-entrant: a reset runs admin commands while it holds
         # every queue's lock
         self._lock: Any = threading.RLock() if qid == 0 else threading.Lock()
-        self._acquire, self._release = self._lock.acquire, self._lock.release
         self._requests = [Request(qid, cid) for cid in range(depth - 1)]  # a full queue
         self._free = list(range(depth - 2, -1, -1))  # keeps one slot empty (NVMe 2.0, 3.3.1.5)
         self._freed = False
@@ -294,8 +293,7 @@ class QueuePair:
         call completed (empty when none).  They stay the caller's until collected with
         :meth:`complete`, :meth:`release` or :meth:`release_all`; threads sharing a queue
         each collect their own (see :meth:`wait`)."""
-        self._acquire()
-        try:
+        with self._lock:  # not acquire() then ``try``: a Ctrl-C between would keep it
             if self._blocked:
                 raise self._unusable()
             cqe = self._cqe
@@ -310,32 +308,37 @@ class QueuePair:
             done: list[Request] = []
             add = done.append
             inflight = INFLIGHT
-            while dw3 & 0x10000 == want:
-                try:
-                    req = requests[dw3 & 0xFFFF]
-                except IndexError:
-                    pass  # a CID this queue never used: nothing to complete
-                else:
-                    state = req.state
-                    if state == inflight:
-                        req.status = dw3 >> 17
-                        if admin or not req.rw:  # a Read's or Write's DW0 means nothing
-                            req.dw0 = cqe[head << 2]
-                        req.state = DONE
-                        add(req)
-                    elif state == LOST:  # its caller was told; the device is done now
-                        req.state = FREE
-                        req.error = None
-                        self._free.append(req.cid)
-                head += 1
-                if head == depth:
-                    head, phase, want = 0, phase ^ 1, want ^ 0x10000
-                dw3 = cqe[(head << 2) + 3]
+            try:
+                while dw3 & 0x10000 == want:
+                    try:
+                        req = requests[dw3 & 0xFFFF]
+                    except IndexError:
+                        pass  # a CID this queue never used: nothing to complete
+                    else:
+                        state = req.state
+                        if state == inflight:
+                            req.status = dw3 >> 17
+                            if admin or not req.rw:  # a Read's or Write's DW0 means nothing
+                                req.dw0 = cqe[head << 2]
+                            req.state = DONE
+                            add(req)
+                        elif state == LOST:  # its caller was told; the device is done now
+                            req.state = FREE
+                            req.error = None
+                            self._free.append(req.cid)
+                    head += 1
+                    if head == depth:
+                        head, phase, want = 0, phase ^ 1, want ^ 0x10000
+                    dw3 = cqe[(head << 2) + 3]
+            except BaseException:
+                # a Ctrl-C in the loop: the head has not moved, so the next reap reads these
+                # entries again and must find their requests still in flight
+                for req in done:
+                    req.state = INFLIGHT
+                raise
             self._cq_head, self._phase = head, phase
             self._cq_doorbell.value = head
             return done
-        finally:
-            self._release()
 
     def wait(self, req: Request, timeout: float | None = None) -> int:
         """Until ``req`` is done (polling, or the MSI-X eventfd); its DW0.
@@ -411,11 +414,10 @@ class QueuePair:
     def complete(self, req: Request, timeout: float | None = None) -> int:
         """Wait for ``req`` and give its slot back; its DW0 (raises as :meth:`wait`)."""
         if req.state == DONE and not req.status and req.qid == self.qid:  # reaped, fine
-            self._acquire()
-            if req.state == DONE:  # (another thread may have collected it meanwhile)
-                req.state = FREE
-                self._free.append(req.cid)
-            self._release()
+            with self._lock:
+                if req.state == DONE:  # (another thread may have collected it meanwhile)
+                    req.state = FREE
+                    self._free.append(req.cid)
             return req.dw0
         try:
             return self.wait(req, timeout)
@@ -480,11 +482,13 @@ class QueuePair:
         )
 
     def _check_io(
-        self, ns: Namespace, lba: Any, nblocks: Any, dma: int, what: str
-    ) -> tuple[int, int, int]:
-        """The checks of one read/write, before anything is taken: (lba, nblocks, bytes)."""
-        if lba.__class__ is not int or nblocks.__class__ is not int:
+        self, ns: Namespace, lba: Any, nblocks: Any, dma: Any, what: str
+    ) -> tuple[int, int, int, int]:
+        """The checks of one read/write, before anything is taken: (lba, nblocks, bytes,
+        dma), each a plain int."""
+        if lba.__class__ is not int or nblocks.__class__ is not int or dma.__class__ is not int:
             lba, nblocks = _integer(lba, "LBA", what), _integer(nblocks, "block count", what)
+            dma = _integer(dma, "DMA address", what)
         if nblocks < 1 or lba < 0 or lba + nblocks > ns.blocks:
             raise self._not_io(ns, lba, nblocks, what)
         length = nblocks * ns.lba_size
@@ -496,7 +500,7 @@ class QueuePair:
         lo, end, gen = self._map
         if dma < lo or dma + length > end or self._domain.unmaps != gen:
             self._check_mapped(dma, length, what)
-        return lba, nblocks, length
+        return lba, nblocks, length, dma
 
     def _check_mapped(self, dma: int, length: int, what: str) -> None:
         """``dma``..+``length`` must be mapped in the device's IOMMU domain; remember the
@@ -527,8 +531,12 @@ class QueuePair:
         """Submit one read/write of ``nblocks`` LBAs at ``dma`` (memory the caller keeps
         allocated until :meth:`complete` returns or raises)."""
         # _check_io's checks, spelled out: this is the hot path
-        if lba.__class__ is not int or nblocks.__class__ is not int:
-            lba, nblocks = _integer(lba, "LBA", what), _integer(nblocks, "block count", what)
+        if lba.__class__ is not int or nblocks.__class__ is not int or dma.__class__ is not int:
+            lba, nblocks, dma = (
+                _integer(lba, "LBA", what),
+                _integer(nblocks, "block count", what),
+                _integer(dma, "DMA address", what),
+            )
         if nblocks < 1 or lba < 0 or lba + nblocks > ns.blocks:
             raise self._not_io(ns, lba, nblocks, what)
         length = nblocks * ns.lba_size
@@ -537,30 +545,27 @@ class QueuePair:
         lo, end, gen = self._map
         if dma < lo or dma + length > end or self._domain.unmaps != gen:
             self._check_mapped(dma, length, what)
-        self._acquire()
-        try:
+        # ``with``, not acquire() then ``try``: a Ctrl-C between the two would keep the lock
+        with self._lock:
             if self._blocked:
                 raise self._unusable()
             free = self._free
             if not free:
                 raise self._full(what)
-            req = self._requests[free.pop()]
+            # the slot is taken (``del``) only once the SQE is written: an error or a
+            # Ctrl-C before that leaves it free.  From ``del`` to the doorbell write no
+            # bytecode runs a signal handler (no call, no backward jump).
+            req = self._requests[free[-1]]
             req.what = what
             if not req.rw:
                 req.rw = True
                 req.dw0 = 0
-            if length > PAGE - (dma & _PAGE_MASK):
-                try:
-                    prp2 = self._prp2(req, dma, length)
-                except BaseException:
-                    free.append(req.cid)
-                    raise
-            else:
-                prp2 = 0
+            prp2 = self._prp2(req, dma, length) if length > PAGE - (dma & _PAGE_MASK) else 0
             tail = self._sq_tail
             _RW_SQE.pack_into(
                 self._sq_mem, tail << 6, opcode | req.tag, ns.nsid, dma, prp2, lba, nblocks - 1
             )
+            del free[-1]
             req.state = INFLIGHT
             tail += 1
             if tail == self.depth:
@@ -568,21 +573,23 @@ class QueuePair:
             self._sq_tail = tail
             self._sq_doorbell.value = tail
             return req
-        finally:
-            self._release()
 
     def io_batch(
         self,
         opcode: int,
         ns: Namespace,
-        cmds: Sequence[tuple[int, int, int]],
+        cmds: Iterable[tuple[int, int, int]],
         what: str,
     ) -> list[Request]:
         """Submit one read/write per ``(lba, nblocks, dma)`` of ``cmds`` with one doorbell
         write (NVMe 2.0, 4.2: the tail may move past many entries at once).  Every command
         is checked as :meth:`io` checks it, and room for all of them, before the doorbell
         is written: a refusal submits nothing."""
-        out = self._batch(opcode, ns, cmds, what, None)
+        if cmds.__class__ is list or cmds.__class__ is tuple:
+            todo = cast("Sequence[tuple[int, int, int]]", cmds)
+        else:
+            todo = list(cmds)  # a generator: it is read twice when the full checks run
+        out = self._batch(opcode, ns, todo, what, None)
         for _ in range(100):
             if out is not None:
                 return out
@@ -592,9 +599,9 @@ class QueuePair:
             # unless an unmap came in between
             gen = self._domain.unmaps
             norm: list[tuple[int, int, int]] = []
-            for lba, n, dma in cmds:
-                lba_, n_, _length = self._check_io(ns, lba, n, dma, what)
-                norm.append((lba_, n_, dma))
+            for lba_, n_, dma_ in todo:
+                lba, n, _length, dma = self._check_io(ns, lba_, n_, dma_, what)
+                norm.append((lba, n, dma))
             out = self._batch(opcode, ns, norm, what, gen)
         raise NvmeError(
             f"{what}: the device's IOMMU mappings changed under every one of 100 attempts to "
@@ -618,25 +625,26 @@ class QueuePair:
         requests, sq, pack, depth = self._requests, self._sq_mem, _RW_SQE.pack_into, self.depth
         out: list[Request] = []
         take = out.append
-        self._acquire()
-        try:
+        with self._lock:  # not acquire() then ``try``: a Ctrl-C between would keep it
             if self._blocked:
                 raise self._unusable()
             free = self._free
-            if len(free) < len(cmds):
+            top = len(free)
+            if top < len(cmds):
                 raise self._full(what, len(cmds))
             lo, end, gen = self._map  # one read: another thread replaces it whole
             if checked is not None:
                 gen, lo, end = checked, 0, 1 << 66  # every range was checked in full
             if self._domain.unmaps != gen:
                 return None
-            pop = free.pop
             tail = self._sq_tail
+            i = top  # the slots are read from the free list here and taken after the loop
             try:
                 for lba, nblocks, dma in cmds:
                     if (
                         lba.__class__ is not int
                         or nblocks.__class__ is not int
+                        or dma.__class__ is not int
                         or nblocks < 1
                         or lba < 0
                         or lba + nblocks > blocks
@@ -645,7 +653,8 @@ class QueuePair:
                     length = nblocks * lba_size
                     if length > mdts or dma < lo or dma + length > end:
                         raise _RecheckError
-                    req = requests[pop()]
+                    i -= 1
+                    req = requests[free[i]]
                     take(req)
                     req.what = what
                     if not req.rw:
@@ -653,23 +662,24 @@ class QueuePair:
                         req.dw0 = 0
                     prp2 = self._prp2(req, dma, length) if length > PAGE - (dma & _PAGE_MASK) else 0
                     pack(sq, tail << 6, opcode | req.tag, nsid, dma, prp2, lba, nblocks - 1)
+                    req.state = INFLIGHT  # not visible to reap: it waits for this lock
                     tail += 1
                     if tail == depth:
                         tail = 0
             except BaseException as e:
-                # nothing was submitted: the entries past the device's tail are not its yet
-                for req in reversed(out):
-                    free.append(req.cid)
+                # nothing was taken or submitted: the entries past the device's tail are
+                # not its until the doorbell, and the slots are still on the free list
+                for req in out:
+                    req.state = FREE
                 if e.__class__ is _RecheckError:
                     return None
                 raise
-            for req in out:
-                req.state = INFLIGHT
+            # taken all at once, then the doorbell: no bytecode between runs a signal
+            # handler (no call, no backward jump), so a Ctrl-C cannot split the two
+            del free[i:]
             self._sq_tail = tail
             self._sq_doorbell.value = tail
             return out
-        finally:
-            self._release()
 
     def _transfer(self, opcode: int, ns: Namespace, lba: int, buf: Any, what: str) -> None:
         ctrl = self.ctrl
