@@ -66,6 +66,7 @@ class Kernel(Protocol):
     def read(self, fd: int, size: int) -> bytes: ...
     def wait_readable(self, fd: int, timeout: float) -> bool: ...
     def mlock(self, addr: int, length: int) -> None: ...
+    def munlock(self, addr: int, length: int) -> None: ...
     def memlock_limit(self) -> int: ...
     def pagemap_entry(self, vaddr: int) -> int: ...
     def mmio32(self, addr: int) -> Register: ...
@@ -134,6 +135,8 @@ class LinuxKernel:
         self._munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         self._mlock = libc.mlock
         self._mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self._munlock = libc.munlock
+        self._munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
     def open(self, path: str, flags: int) -> int:
         return os.open(path, flags | os.O_CLOEXEC)
@@ -201,6 +204,9 @@ class LinuxKernel:
 
     def mlock(self, addr: int, length: int) -> None:
         _check(self._mlock(addr, length), "mlock")
+
+    def munlock(self, addr: int, length: int) -> None:
+        _check(self._munlock(addr, length), "munlock")
 
     def memlock_limit(self) -> int:
         soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)

@@ -83,6 +83,10 @@ class CountingKernel:
         self._count("mlock")
         return self.inner.mlock(addr, length)
 
+    def munlock(self, addr: int, length: int) -> None:
+        self._count("munlock")
+        return self.inner.munlock(addr, length)
+
     def memlock_limit(self) -> int:
         self._count("memlock_limit")
         return self.inner.memlock_limit()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from uvdma.errors import (
     UvdmaError,
     UvdmaOSError,
 )
+from uvdma.memory import hugepages
 from uvdma.testing.fake_kernel import FakeKernel
 from uvdma.testing.fake_sysfs import make_device
 from uvdma.vfio import (
@@ -38,12 +40,14 @@ from uvdma.vfio import (
     new_domain,
     open_device,
 )
+from uvdma.vfio import noiommu as noiommu_mod
 from uvdma.vfio.device import BackendChoice, backend_choice
 from uvdma.vfio.noiommu import NoIommuContainer
 
 NVME = "0000:00:09.0"
 NVME2 = "0000:00:0a.0"
 MiB = 1 << 20
+U32 = (1 << 32) - 1
 REQ = V.PciIrq.VFIO_PCI_REQ_IRQ_INDEX
 
 
@@ -740,3 +744,240 @@ def test_noiommu_places_the_dma_layers_memory_below_the_windows_top(
         windows = [(1 << 24, (1 << 32) - 1), (0, (1 << 24) - 1)]
         assert domain.memory_for(2 * MiB, windows) == "placed"  # type: ignore[comparison-overlap]
         assert asked == [(2 * MiB, (1 << 32) - 1)]
+
+
+# -- no-IOMMU review fixes: locks given back, one availability check, devfs honoured -----------
+
+
+def test_noiommu_gives_back_the_lock_of_a_refused_map_and_of_an_unmap(
+    noiommu: FakeKernel, sysfs: Path
+) -> None:
+    with pytest.warns(NoIommuWarning), open_device(NVME, sysfs=sysfs) as dev:
+        domain = dev.domain
+        vaddr = 0x7000_0010_0000  # physical 0x100000 in the fake's pagemap
+        noiommu.physical = lambda v: 0x1000_0000 + (v - vaddr) * 3  # pages scattered
+        with pytest.raises(DmaMapError, match="not physically contiguous"):
+            domain.map(vaddr, 8192)
+        assert noiommu.mlocked == 0  # refused: nothing stays locked
+        noiommu.physical = None
+        with pytest.raises(IovaExhaustedError, match="no IOMMU can remap it"):
+            domain.map(vaddr + 0x10000, 4096, windows=[(0, 0xFFF)])
+        assert noiommu.mlocked == 0
+        m = domain.map(vaddr, 8192)
+        assert noiommu.mlocked == 8192
+        domain.unmap(m)
+        assert noiommu.mlocked == 0  # the unmap gave the lock back
+        assert noiommu.calls[-1] == f"munlock {vaddr:#x}+0x2000"
+        m = domain.map(vaddr, 8192)
+        noiommu.calls.clear()
+        with pytest.raises(DmaMapError, match="overlaps"):  # the same physical page again
+            domain.map(vaddr + 4096, 4096)
+        assert not [c for c in noiommu.calls if c.startswith("munlock")]  # m's pages stay
+        domain.unmap(m)
+        assert noiommu.calls[-1] == f"munlock {vaddr:#x}+0x2000"
+
+
+def test_noiommu_availability_is_one_check_that_auto_uses(
+    sysfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    param = sysfs / "module/vfio/parameters/enable_unsafe_noiommu_mode"
+    param.parent.mkdir(parents=True, exist_ok=True)
+    param.write_text("Y\n")
+    (sysfs / "class/iommu").mkdir(parents=True, exist_ok=True)
+    assert noiommu_mod.available(sysfs)  # the mode is on and no IOMMU is registered
+    assert backend_choice("auto", sysfs=sysfs, devfs=tmp_path / "dev").backend == "noiommu"
+    (sysfs / "class/iommu/dmar0").mkdir()
+    assert not noiommu_mod.available(sysfs)  # an IOMMU: devices get real groups
+    param.write_text("N\n")
+    assert not noiommu_mod.available(sysfs)
+    # backend_choice asks noiommu.available, not a copy of its test
+    monkeypatch.setattr(noiommu_mod, "available", lambda sysfs=None: True)
+    assert backend_choice("auto", sysfs=sysfs, devfs=tmp_path / "dev").backend == "noiommu"
+
+
+@pytest.mark.parametrize("backend", ["type1", "noiommu"])
+def test_open_group_opens_the_node_in_the_devfs_given(
+    fake: FakeKernel, sysfs: Path, tmp_path: Path, backend: str
+) -> None:
+    devfs = tmp_path / "dev"
+    fake.noiommu = backend == "noiommu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoIommuWarning)
+        domain = new_domain(backend, sysfs=sysfs)
+    node = devfs / "vfio" / ("noiommu-9" if backend == "noiommu" else "9")
+    with domain:
+        assert isinstance(domain, Type1Container)
+        with pytest.raises(UvdmaOSError, match=str(node)):  # the fake has no such node
+            domain.open_group(9, sysfs, devfs)
+        assert f"open {node}" in fake.calls
+    if backend == "noiommu":
+        (sysfs / "kernel/iommu_groups/9/name").write_text("vfio-noiommu\n")
+    with pytest.raises(UvdmaOSError, match=str(node)), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoIommuWarning)
+        open_device(NVME, backend=backend, sysfs=sysfs, devfs=devfs)  # threaded through
+    assert fake.open_kinds() == []
+
+
+# -- no-IOMMU placement: the pool grown for the search, bounded, and shrunk back -----------------
+
+ZONEINFO = """\
+Node 0, zone      DMA
+  per-node stats
+      nr_inactive_anon 0
+  pages free     3840
+        boost    0
+        min      21
+        low      26
+        high     31
+        spanned  4095
+        present  3998
+        managed  3840
+        protection: (0, 1920, 2880, 2880, 2880)
+      nr_free_pages 3840
+  pagesets
+    cpu: 0
+              count: 0
+              high:  0
+              batch: 1
+  node_unreclaimable:  0
+  start_pfn:           1
+Node 0, zone    DMA32
+  pages free     {dma32}
+        boost    0
+        min      100
+        low      125
+        high     150
+        spanned  1044480
+        present  520000
+        managed  500000
+  node_unreclaimable:  0
+  start_pfn:           4096
+Node 0, zone   Normal
+  pages free     {normal}
+        boost    0
+        min      200
+        low      256
+        high     300
+        spanned  262144
+        present  262144
+        managed  250000
+  node_unreclaimable:  0
+  start_pfn:           1048576
+Node 0, zone  Movable
+  pages free     0
+        boost    0
+        min      0
+        low      0
+        high     0
+        spanned  0
+        present  0
+        managed  0
+"""
+
+
+@pytest.fixture
+def pool(noiommu: FakeKernel, tmp_path: Path) -> dict[str, Path]:
+    """A stand-in /proc (3 GiB guest: 2 GiB below 4 GiB, 1 GiB above) and 2 MiB pool."""
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "zoneinfo").write_text(ZONEINFO.format(dma32=400_000, normal=256 + 512 * 100))
+    (proc / "meminfo").write_text(
+        "MemTotal:        3000000 kB\nMemFree:         2000000 kB\nMemAvailable:    2400000 kB\n"
+    )
+    (proc / "self/status").write_text("VmLck:\t       0 kB\nCapEff:\t000001ffffffffff\n")
+    huge = tmp_path / "hp/kernel/mm/hugepages/hugepages-2048kB"
+    huge.mkdir(parents=True)
+    (huge / "nr_hugepages").write_text(f"{noiommu.free_hugepages[2 * MiB]}\n")
+    (huge / "free_hugepages").write_text(f"{noiommu.free_hugepages[2 * MiB]}\n")
+    return {"proc": proc, "sysfs": tmp_path / "hp", "nr": huge / "nr_hugepages"}
+
+
+def test_noiommu_alloc_below_grows_the_pool_to_reach_below_the_limit_and_shrinks_it_back(
+    noiommu: FakeKernel, sysfs: Path, pool: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the 16 free pages lie above 4 GiB; pages the pool grows by come from below once the
+    # 100 hugepages' worth free above 4 GiB is used up (the kernel's highest zone first)
+    order: dict[int, int] = {}
+    high_left = [16 + 100]
+
+    def physical(vaddr: int) -> int:
+        base = vaddr & ~(2 * MiB - 1)
+        if base not in order:
+            if high_left[0] > 0:
+                high_left[0] -= 1
+                order[base] = 0x1_0000_0000 + len(order) * 2 * MiB
+            else:
+                order[base] = 0x8000_0000 + len(order) * 2 * MiB
+        return order[base] + vaddr - base
+
+    asked: list[int] = []
+
+    def reserve(page: int, count: int, sysfs: Path, **kw: object) -> hugepages.HugepagePool:
+        assert page == 2 * MiB and kw["meminfo"] == pool["proc"] / "meminfo"
+        current = int(pool["nr"].read_text())
+        noiommu.free_hugepages[page] += count - current
+        pool["nr"].write_text(f"{count}\n")
+        asked.append(count)
+        return hugepages.HugepagePool(page, count, noiommu.free_hugepages[page])
+
+    noiommu.physical = physical
+    monkeypatch.setattr(hugepages, "reserve_hugepages", reserve)
+    with pytest.warns(NoIommuWarning), open_device(NVME, sysfs=sysfs) as dev:
+        domain = dev.domain
+        assert isinstance(domain, NoIommuContainer)
+        domain.sysfs, domain.procfs = pool["sysfs"], pool["proc"]
+        with pytest.raises(IovaExhaustedError, match=r"16 free hugepage\(s\)"):
+            domain.alloc_below(2 * MiB, U32, grow=False)  # placement without growing fails
+        assert asked == []
+        with domain.alloc_below(2 * MiB, U32) as mem:
+            phys = physical(mem.vaddr)
+            assert phys + 2 * MiB - 1 <= U32  # below 4 GiB
+            # grown by what lies above 4 GiB (100 pages), then by the margin (whose pages
+            # the kernel hands out first), then shrunk back
+            assert asked == [16 + 100, 16 + 100 + noiommu_mod.GROW_MARGIN, 16]
+            assert int(pool["nr"].read_text()) == 16
+            assert noiommu.free_hugepages[2 * MiB] == 15  # the one kept is one of the 16
+            m = domain.map_memory(mem, windows=[(0, U32)])
+            assert m.iova == phys
+            domain.unmap(m)
+        assert noiommu.free_hugepages[2 * MiB] == 16
+
+
+def test_noiommu_alloc_below_does_not_grow_past_what_the_machine_can_spare(
+    noiommu: FakeKernel, sysfs: Path, pool: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[int] = []
+    monkeypatch.setattr(hugepages, "reserve_hugepages", lambda *a, **k: asked.append(a[1]))
+    noiommu.physical = lambda v: 0x2_0000_0000 + v % (2 * MiB)  # every page above 4 GiB
+    # 2 GiB free above 4 GiB: more than 2400000 kB available less a quarter of 3000000 kB
+    (pool["proc"] / "zoneinfo").write_text(ZONEINFO.format(dma32=400_000, normal=524_544))
+    with pytest.warns(NoIommuWarning), open_device(NVME, sysfs=sysfs) as dev:
+        domain = dev.domain
+        assert isinstance(domain, NoIommuContainer)
+        domain.sysfs, domain.procfs = pool["sysfs"], pool["proc"]
+        with pytest.raises(
+            IovaExhaustedError,
+            match=r"the pool was not grown: reaching below it means first taking the 2048 MiB "
+            r"free above it, more than this machine can spare \(1610 MiB.*hugepages=N",
+        ):
+            domain.alloc_below(2 * MiB, U32)
+        assert asked == []  # nothing grown
+        assert noiommu.free_hugepages[2 * MiB] == 16  # every page probed went back
+        (pool["proc"] / "zoneinfo").unlink()
+        with pytest.raises(IovaExhaustedError, match="zoneinfo cannot say"):
+            domain.alloc_below(2 * MiB, U32)
+        assert asked == []
+
+
+def test_zones_are_read_from_zoneinfo(tmp_path: Path) -> None:
+    (tmp_path / "zoneinfo").write_text(ZONEINFO.format(dma32=1000, normal=5000))
+    got = noiommu_mod.zones(tmp_path)
+    assert [(z.name, z.start, z.end) for z in got] == [
+        ("DMA", 4096, 4096 * 4096),
+        ("DMA32", 4096 * 4096, (4096 + 1044480) * 4096),
+        ("Normal", 1 << 32, (1 << 32) + 262144 * 4096),
+    ]  # the empty Movable zone is left out
+    assert got[2].free == 5000 * 4096 and got[2].spare == (5000 - 256) * 4096
+    assert noiommu_mod.memory_above(U32, tmp_path) == (5000 - 256) * 4096
+    assert noiommu_mod.memory_above((1 << 24) - 1, tmp_path) == (1000 - 125 + 5000 - 256) * 4096
+    assert noiommu_mod.memory_above(U32, tmp_path / "nowhere") is None

@@ -14,15 +14,17 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support import nvme_by_hand as nvme
 from uvdma import doctor, pci
-from uvdma.errors import IovaExhaustedError, NoIommuWarning, PciError
+from uvdma.errors import IovaExhaustedError, NoIommuWarning, PciError, UvdmaError
 from uvdma.memory import HugeMemory, allocate, physical_address
 from uvdma.memory.hugepages import PAGE_2M
 from uvdma.vfio import VfioDevice, new_domain, open_device
@@ -30,7 +32,7 @@ from uvdma.vfio.device import backend_choice
 from uvdma.vfio.faults import IommuFaultLog
 from uvdma.vfio.iommufd import IommufdDomain
 from uvdma.vfio.iova import MSI_WINDOW
-from uvdma.vfio.noiommu import NoIommuContainer
+from uvdma.vfio.noiommu import NoIommuContainer, memory_above
 
 pytestmark = [pytest.mark.vm, pytest.mark.backends()]
 
@@ -88,6 +90,8 @@ def test_the_device_dmas_into_memory_mapped_under_a_mask(
     dev: VfioDevice, backend: str, bits: int
 ) -> None:
     mask = (1 << bits) - 1
+    if backend == "noiommu" and bits == 32 and ram_above_4g():
+        pool_above_4g_only()  # every free hugepage above 4 GiB: placement must act
     with memory(dev, mask) as mem:
         m = dev.domain.map_memory(mem, windows=[(0, mask)])
         try:
@@ -124,6 +128,27 @@ def test_the_nvme_example_writes_reads_and_verifies_under_a_mask(
     bdf = str(controllers()[0].address)
     args = ["--device", bdf, "--mask-bits", str(bits), "--lba", "64", "--blocks", "256"]
     monkeypatch.setattr(sys, "argv", ["rw.py", *args])
+    # no IOMMU: each map (DMA address, size, pagemap's address, top of the windows asked
+    # for), and each DMA address the driver checks before handing it to the device
+    mapped: list[tuple[int, int, int, int]] = []
+    used: list[int] = []
+    if backend == "noiommu":
+        if bits == 32 and ram_above_4g():  # else every address fits anyway
+            pool_above_4g_only()  # every free hugepage above 4 GiB: placement must act
+        real_map, real_at = NoIommuContainer.map, NoIommuContainer.mapping_at
+
+        def spy_map(self: NoIommuContainer, vaddr: int, size: int, *a: Any, **kw: Any) -> Any:
+            m = real_map(self, vaddr, size, *a, **kw)
+            top = max(hi for _lo, hi in kw.get("windows", [(0, U64)]))
+            mapped.append((m.iova, m.size, physical_address(vaddr), top))
+            return m
+
+        def spy_at(self: NoIommuContainer, iova: int) -> Any:
+            used.append(iova)
+            return real_at(self, iova)
+
+        monkeypatch.setattr(NoIommuContainer, "map", spy_map)
+        monkeypatch.setattr(NoIommuContainer, "mapping_at", spy_at)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with pytest.raises(SystemExit) as done:
@@ -134,6 +159,12 @@ def test_the_nvme_example_writes_reads_and_verifies_under_a_mask(
     told = [w for w in seen if issubclass(w.category, NoIommuWarning)]
     if backend == "noiommu":  # and the user was told that nothing protected the machine
         assert told and "no IOMMU protects memory" in str(told[0].message)
+        # each piece of memory lies where the DMA layer asked (its zone, the mask)
+        assert mapped and all(iova == phys for iova, _size, phys, _top in mapped)
+        assert all(iova + size - 1 <= top for iova, size, _phys, top in mapped), mapped
+        if bits == 32:  # the device's memory was placed below 4 GiB, and its I/O went there
+            assert any(top <= U32 for *_m, top in mapped), mapped
+            assert used and all(iova <= U32 for iova in used), [hex(i) for i in used]
     else:
         assert not told
 
@@ -281,11 +312,14 @@ def test_no_iommu_groups_and_an_iommu_backend_is_refused_clearly() -> None:
 def test_placement_below_an_impossible_limit_is_a_clear_error(dev: VfioDevice) -> None:
     domain = dev.domain
     assert isinstance(domain, NoIommuContainer)
-    free = int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
-    with pytest.raises(IovaExhaustedError, match=r"below 0x1fffff: \d+ free hugepage"):
+    before = pool()
+    with pytest.raises(
+        IovaExhaustedError,
+        match=r"below 0x1fffff: \d+ free hugepage.*the pool was not grown: reaching below "
+        r"it means first taking the \d+ MiB free above it, more than this machine can spare",
+    ):
         domain.alloc_below(PAGE_2M, PAGE_2M - 1)  # no hugepage starts at physical 0
-    after = int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
-    assert after == free  # every page probed went back
+    assert pool() == before  # every page probed went back, and nothing was grown
     with allocate(PAGE_2M) as mem:
         phys = physical_address(mem.vaddr)
         with pytest.raises(IovaExhaustedError, match="no IOMMU can remap it"):
@@ -303,35 +337,104 @@ def ram_above_4g() -> bool:
     return False
 
 
-@pytest.mark.backends("noiommu")
-def test_a_32_bit_mask_is_met_by_placing_hugepages_below_4_gib(dev: VfioDevice) -> None:
+def free_hugepages_where() -> list[int]:
+    """The physical address of every free 2 MiB hugepage, in the order the kernel hands them
+    out (each is taken and held until all are, then all go back)."""
+    held: list[HugeMemory] = []
+    try:
+        with contextlib.suppress(UvdmaError):
+            while len(held) < 4096:
+                held.append(allocate(PAGE_2M, PAGE_2M, fallback=False))
+        return [physical_address(m.vaddr) for m in held]
+    finally:
+        for m in held:
+            m.close()
+
+
+POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+def pool() -> tuple[int, int]:
+    """(nr_hugepages, free_hugepages) of the 2 MiB pool."""
+    return int((POOL / "nr_hugepages").read_text()), int((POOL / "free_hugepages").read_text())
+
+
+def pool_above_4g_only() -> None:
+    """Make the 2 MiB pool afresh, as at boot, and check that placement must act: RAM above
+    4 GiB and every free hugepage there (the kernel hands out hugepages from the highest
+    memory first; a page an earlier test placed below 4 GiB would otherwise stay in the
+    pool and meet a 32-bit mask by itself)."""
     if not ram_above_4g():
         pytest.skip("all RAM is below 4 GiB in this guest (tools/test gives it --memory 3G)")
+    nr = POOL / "nr_hugepages"
+    count = int(nr.read_text())
+    nr.write_text("0")  # pages in use stay (as surplus) until they are freed
+    nr.write_text(str(count))
+    where = free_hugepages_where()
+    assert where and all(p > U32 for p in where), (
+        "free hugepages below 4 GiB right after the pool was made: a 32-bit mask would be "
+        f"met without placement: {[hex(p) for p in where if p <= U32]}"
+    )
+
+
+@pytest.fixture
+def above_4g_only(dev: VfioDevice) -> None:
+    """A guest where placement must act (see :func:`pool_above_4g_only`)."""
+    pool_above_4g_only()
+
+
+@pytest.mark.backends("noiommu")
+def test_a_32_bit_mask_is_met_by_growing_the_pool_until_pages_lie_below_4_gib(
+    dev: VfioDevice, above_4g_only: None
+) -> None:
+    domain = dev.domain
+    assert isinstance(domain, NoIommuContainer)
+    before = pool()
+    with pytest.raises(IovaExhaustedError, match=r"below 0xffffffff: \d+ free hugepage"):
+        domain.alloc_below(PAGE_2M, U32, grow=False)  # every free page lies above 4 GiB
+    assert pool() == before
+    start = time.monotonic()
+    with domain.alloc_below(PAGE_2M, U32) as mem:  # grows the pool for the search
+        took = time.monotonic() - start
+        phys = physical_address(mem.vaddr)
+        assert phys + PAGE_2M - 1 <= U32  # pagemap: below 4 GiB
+        assert pool() == (before[0], before[1] - 1)  # shrunk back; the page kept is one of it
+        m = domain.map_memory(mem, windows=[(0, U32)])
+        assert m.iova == phys
+        out = nvme.identify_controller(dev, placement(mem.vaddr, m.iova))
+        assert out[4:24].decode().strip() == "uvdma0000"  # the device reached it there
+        nvme.disable(dev)
+        domain.unmap(m)
+    assert pool() == before
+    print(f"alloc_below(2M, 4 GiB) grew the pool and found {phys:#x} in {took:.2f} s")
+
+
+@pytest.mark.backends("noiommu")
+def test_a_32_bit_mask_is_met_from_a_pool_with_pages_on_both_sides(
+    dev: VfioDevice, above_4g_only: None
+) -> None:
     domain = dev.domain
     assert isinstance(domain, NoIommuContainer)
     nr = Path("/proc/sys/vm/nr_hugepages")
     before = int(nr.read_text())
-    nr.write_text(str(before + 640))  # more than ZONE_NORMAL holds: some land below 4 GiB
+    above = memory_above(U32)
+    assert above is not None
+    nr.write_text(str(before + above // PAGE_2M + 64))  # more than fits above 4 GiB
     try:
-        where: list[int] = []  # each free hugepage's physical address, in allocate()'s order
-        held: list[HugeMemory] = []
-        with contextlib.suppress(Exception):
-            while len(held) < 2000:
-                held.append(allocate(PAGE_2M, PAGE_2M, fallback=False))
-                where.append(physical_address(held[-1].vaddr))
-        for mem in held:
-            mem.close()
+        where = free_hugepages_where()
         assert any(p > U32 for p in where) and any(p + PAGE_2M - 1 <= U32 for p in where)
-        with domain.alloc_below(PAGE_2M, U32) as mem:
+        grown = pool()
+        with domain.alloc_below(PAGE_2M, U32, grow=False) as mem:  # found in the pool
             phys = physical_address(mem.vaddr)
-            assert phys + PAGE_2M - 1 <= U32
+            assert phys + PAGE_2M - 1 <= U32 and phys in where
+            assert pool() == (grown[0], grown[1] - 1)  # nothing grown, only that page kept
             m = domain.map_memory(mem, windows=[(0, U32)])
-            assert m.iova == phys
             out = nvme.identify_controller(dev, placement(mem.vaddr, m.iova))
-            assert out[4:24].decode().strip() == "uvdma0000"  # the device reached it there
+            assert out[4:24].decode().strip() == "uvdma0000"
             nvme.disable(dev)
             domain.unmap(m)
-        with domain.alloc_below(PAGE_2M, U64) as mem:  # no limit: the first page will do
+        with domain.alloc_below(PAGE_2M, U64) as mem:  # no limit: any page will do
             assert physical_address(mem.vaddr) in where
+        assert pool() == grown
     finally:
         nr.write_text(str(before))

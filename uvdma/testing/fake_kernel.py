@@ -651,6 +651,10 @@ class FakeKernel:
             raise err(errno.ENOMEM)
         self.mlocked += length
 
+    def munlock(self, addr: int, length: int) -> None:
+        self.calls.append(f"munlock {addr:#x}+{length:#x}")
+        self.mlocked = max(0, self.mlocked - length)
+
     def memlock_limit(self) -> int:
         return self.memlock
 

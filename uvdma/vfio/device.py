@@ -747,7 +747,7 @@ def backend_choice(
     if dev is not None and dev.iommu_group is not None:
         if noiommu.is_noiommu_group(dev.iommu_group, sysfs):
             return BackendChoice("noiommu", f"{dev.address}: {noiommu.UNPROTECTED}")
-    elif noiommu.enabled(sysfs) and not any((sysfs / "class/iommu").glob("*")):
+    elif noiommu.available(sysfs):
         return BackendChoice("noiommu", noiommu.UNPROTECTED)
     node = devfs / "iommu"
     if not node.exists():
@@ -776,13 +776,13 @@ def choose_backend(backend: str = "auto", address: str | pci.PciAddress | None =
     return backend_choice(backend, address).backend
 
 
-def new_domain(backend: str = "auto") -> IommuDomain:
+def new_domain(backend: str = "auto", *, sysfs: Path = pci.SYSFS) -> IommuDomain:
     """A fresh IOMMU domain of the chosen backend (to share between devices)."""
-    kind = choose_backend(backend)
+    kind = backend_choice(backend, sysfs=sysfs).backend
     if kind == "iommufd":
         return iommufd.IommufdDomain()
     if kind == "noiommu":
-        return noiommu.NoIommuContainer()
+        return noiommu.NoIommuContainer(sysfs=sysfs)
     return type1.Type1Container()
 
 
@@ -792,8 +792,12 @@ def open_device(
     backend: str = "auto",
     domain: IommuDomain | None = None,
     sysfs: Path = pci.SYSFS,
+    devfs: Path = pci.DEVFS,
 ) -> VfioDevice:
     """Open a device bound to vfio-pci, in ``domain`` or in a new domain of its own.
+
+    ``sysfs`` and ``devfs`` are where the device is looked up and its nodes opened
+    (``/sys`` and ``/dev``; a test gives stand-ins).
 
     Refuses a device that is absent, not bound to vfio-pci, or in a group that is not
     viable, or that this process has open already (EBUSY, saying so), with the fix in the
@@ -809,7 +813,7 @@ def open_device(
                 f"opening {dev.address}: it is already open in this process ({mine!r}): use "
                 "that VfioDevice, or close it first",
             )
-        device = _open(dev, backend, domain, sysfs)
+        device = _open(dev, backend, domain, sysfs, devfs)
         _registry.devices[dev.address] = device
     return device
 
@@ -820,7 +824,9 @@ def _unregister(device: VfioDevice) -> None:
             del _registry.devices[device.address]
 
 
-def _open(dev: pci.PciDevice, backend: str, domain: IommuDomain | None, sysfs: Path) -> VfioDevice:
+def _open(
+    dev: pci.PciDevice, backend: str, domain: IommuDomain | None, sysfs: Path, devfs: Path
+) -> VfioDevice:
     if dev.driver != pci.VFIO_PCI:
         raise PciError(
             f"{dev.address} is bound to {dev.driver or 'no driver'}, not vfio-pci: "
@@ -835,7 +841,7 @@ def _open(dev: pci.PciDevice, backend: str, domain: IommuDomain | None, sysfs: P
         kind = domain.backend
         reason = "the domain it was opened in"
     else:
-        choice = backend_choice(backend, dev.address, sysfs=sysfs)
+        choice = backend_choice(backend, dev.address, sysfs=sysfs, devfs=devfs)
         kind, reason = choice.backend, choice.reason
         if backend == "auto" and kind != "iommufd":
             log.info("uvdma: %s: backend %s: %s", dev.address, kind, choice.reason)
@@ -853,19 +859,19 @@ def _open(dev: pci.PciDevice, backend: str, domain: IommuDomain | None, sysfs: P
     with contextlib.ExitStack() as stack:
         owns = domain is None
         if domain is None:
-            domain = new_domain(kind)
+            domain = new_domain(kind, sysfs=sysfs)
             stack.callback(domain.close)
         group: type1.VfioGroup | None = None
         if isinstance(domain, type1.Type1Container):
             group = next((g for g in domain.groups if g.number == group_no), None)
             if group is None:
-                group = domain.open_group(group_no, sysfs)
+                group = domain.open_group(group_no, sysfs, devfs)
                 stack.callback(group.close)
                 domain.add_group(group)
             fd = group.device_fd(dev.address)
             stack.callback(_sys.kernel().close, fd)
         elif isinstance(domain, iommufd.IommufdDomain):
-            path = iommufd.cdev_path(dev.address, sysfs)
+            path = iommufd.cdev_path(dev.address, sysfs, devfs)
             fd = _ioctl.open_node(
                 path, f"opening {path}", {errno.EACCES: "run as root", errno.EPERM: "run as root"}
             )

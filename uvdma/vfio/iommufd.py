@@ -37,8 +37,9 @@ def available() -> bool:
     return os.path.exists(IOMMUFD_DEV) and os.path.isdir(VFIO_CDEV_DIR)
 
 
-def cdev_path(address: pci.PciAddress, sysfs: Path = pci.SYSFS) -> str:
-    """``/dev/vfio/devices/vfioN`` for a device bound to vfio-pci."""
+def cdev_path(address: pci.PciAddress, sysfs: Path = pci.SYSFS, devfs: Path = pci.DEVFS) -> str:
+    """``<devfs>/vfio/devices/vfioN`` (``/dev/vfio/devices/vfioN``) for a device bound to
+    vfio-pci."""
     d = sysfs / "bus/pci/devices" / str(address) / "vfio-dev"
     names = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
     if not names:
@@ -46,7 +47,7 @@ def cdev_path(address: pci.PciAddress, sysfs: Path = pci.SYSFS) -> str:
             f"{address} has no vfio cdev: bind it to vfio-pci (`uvdma bind {address}`) "
             "on a kernel with CONFIG_VFIO_DEVICE_CDEV"
         )
-    return f"{VFIO_CDEV_DIR}/{names[0]}"
+    return str(devfs / "vfio/devices" / names[0])
 
 
 class IommufdDomain(IommuDomain):

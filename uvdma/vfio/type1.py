@@ -156,9 +156,12 @@ class Type1Container(IommuDomain):
         if ok != 1:
             raise UvdmaError("this kernel's VFIO has no type1v2 IOMMU: `modprobe vfio_iommu_type1`")
 
-    def open_group(self, number: int, sysfs: Path = pci.SYSFS) -> VfioGroup:
-        """Open IOMMU group ``number`` (``/dev/vfio/<number>``), not yet in this container."""
-        return VfioGroup(number, sysfs)
+    def open_group(
+        self, number: int, sysfs: Path = pci.SYSFS, devfs: Path = pci.DEVFS
+    ) -> VfioGroup:
+        """Open IOMMU group ``number`` (``<devfs>/vfio/<number>``, ``/dev/vfio/<number>``),
+        not yet in this container."""
+        return VfioGroup(number, sysfs, path=str(devfs / "vfio" / str(number)))
 
     def add_group(self, group: VfioGroup) -> None:
         """Put a group in this container; the first one sets the IOMMU type."""
