@@ -188,6 +188,42 @@ def test_a_dma_address_that_is_no_plain_int_is_checked_in_full(
         q.release_all(q.io_batch(IO_READ, ns, [(0, 8, np.uint64(buf.dma))], "r") and q.reap())
 
 
+def test_a_transfer_over_a_hole_between_mappings_is_refused_and_adjacent_ones_are_one_run(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    """Both ends mapped used to be enough: a 12 KiB write over IOVAs X, X+4K (not mapped)
+    and X+8K went to the device.  Now each mapping must follow the last; adjacent mappings
+    are remembered as one run, so buffers side by side do not make every I/O look again."""
+    _k, sim, ctrl = rig
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=8)[0]
+    domain = ctrl.vfio.domain
+    mem = mmap.mmap(-1, 3 * 4096)
+    mem[:] = pattern(512, 64, 24).tobytes()
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    iova = 0x70_0000_0000
+    first = domain.map(base, 4096, iova)
+    last = domain.map(base + 8192, 4096, iova + 8192)
+    middle = None
+    try:
+        sim.reset_cost()
+        with pytest.raises(NvmeError, match="not mapped"):
+            q.io(IO_WRITE, ns, 64, 24, iova, "w")
+        with pytest.raises(NvmeError, match="not mapped"):
+            q.io_batch(IO_WRITE, ns, [(64, 24, iova)], "w")
+        assert sim.sq_doorbell_writes == 0 and q.outstanding == 0
+        middle = domain.map(base + 4096, 4096, iova + 4096)
+        q.complete(q.io(IO_WRITE, ns, 64, 24, iova, "w"))
+        assert q._map[:2] == (iova, iova + 3 * 4096)  # one run of three mappings
+        assert bytes(sim.namespace_data()[64 * 512 : 88 * 512]) == bytes(mem)
+    finally:
+        for m in (first, middle, last):
+            if m is not None:
+                domain.unmap(m)
+        del base
+        mem.close()
+
+
 def test_io_batch_takes_any_iterable(rig: tuple[FakeKernel, NvmeSim, Controller]) -> None:
     _k, sim, ctrl = rig
     ns = ctrl.namespace(1)

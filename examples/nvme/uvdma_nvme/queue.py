@@ -503,19 +503,28 @@ class QueuePair:
         return lba, nblocks, length, dma
 
     def _check_mapped(self, dma: int, length: int, what: str) -> None:
-        """``dma``..+``length`` must be mapped in the device's IOMMU domain; remember the
-        mapping it lies in, where the domain counts its unmaps (else ask for both ends)."""
+        """``dma``..+``length`` must be mapped in the device's IOMMU domain, through
+        mappings that follow each other without a hole; remember the run of mappings it
+        lies in (joined to the one remembered before when the two touch), valid until the
+        domain's next unmap."""
         domain = self._domain
         try:
-            gen = domain.unmaps  # before the lookup: an unmap in between voids it
+            gen = domain.unmaps  # before the lookups: an unmap in between voids them
             m = domain.mapping_at(dma)
-            if m is not None and dma + length <= m.iova + m.size:
-                self._map = (m.iova, m.iova + m.size, gen)
-                return
-            # a range over adjacent mappings: both ends mapped (not remembered)
-            translate = domain.translate
-            if translate(dma) is not None and translate(dma + length - 1) is not None:
-                return
+            if m is not None and dma >= 0:
+                lo, end = m.iova, m.iova + m.size
+                while m is not None and end < dma + length:  # the next mapping, if adjacent
+                    m = domain.mapping_at(end)
+                    if m is not None:
+                        end = m.iova + m.size
+                if m is not None:
+                    plo, pend, pgen = self._map
+                    if pgen == gen and pend == lo:
+                        lo = plo
+                    elif pgen == gen and end == plo:
+                        end = pend
+                    self._map = (lo, end, gen)
+                    return
         except ClosedError:  # the controller closed under us (another thread, a release)
             if self.ctrl._failed is not None:
                 raise self.ctrl._unusable() from None
