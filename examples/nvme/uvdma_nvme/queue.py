@@ -307,6 +307,7 @@ class QueuePair:
             admin = self.qid == 0
             done: list[Request] = []
             add = done.append
+            lost: list[Request] = []
             inflight = INFLIGHT
             try:
                 while dw3 & 0x10000 == want:
@@ -323,9 +324,7 @@ class QueuePair:
                             req.state = DONE
                             add(req)
                         elif state == LOST:  # its caller was told; the device is done now
-                            req.state = FREE
-                            req.error = None
-                            self._free.append(req.cid)
+                            lost.append(req)  # freed once the head has moved past it
                     head += 1
                     if head == depth:
                         head, phase, want = 0, phase ^ 1, want ^ 0x10000
@@ -338,6 +337,10 @@ class QueuePair:
                 raise
             self._cq_head, self._phase = head, phase
             self._cq_doorbell.value = head
+            for req in lost:  # (only now: a CQE read again must not meet a reused slot)
+                req.state = FREE
+                req.error = None
+                self._free.append(req.cid)
             return done
 
     def wait(self, req: Request, timeout: float | None = None) -> int:
