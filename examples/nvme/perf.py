@@ -95,7 +95,7 @@ def run(
     depth = q.depth
     owner = [0] * depth  # cid -> buffer index
     started = [0] * depth  # cid -> submission time (ns)
-    inflight: list[Any] = [None] * depth  # cid -> request, for a timeout
+    requests = q.requests  # one Request per command identifier, for a timeout
     dma = [b.dma for b in buffers]
     idle = list(range(len(buffers)))
     lat = array("q")
@@ -126,7 +126,6 @@ def run(
                     k += 1
                     owner[r.cid] = b
                     started[r.cid] = now
-                    inflight[r.cid] = r
                     submitted += 1
             else:
                 size = batch or len(idle)  # by default what this pass freed, all at once
@@ -140,9 +139,9 @@ def run(
                         cmds.append((table[k & 0xFFFF], nblocks, dma[b]))
                         k += 1
                     for r, b in zip(io_batch(opcode, ns, cmds, what), took, strict=True):
-                        owner[r.cid] = b
-                        started[r.cid] = now
-                        inflight[r.cid] = r
+                        cid = r.cid
+                        owner[cid] = b
+                        started[cid] = now
                     submitted += n
         if submitted == done:
             break
@@ -153,18 +152,17 @@ def run(
                 # nothing for a whole command timeout: the driver's own wait for the oldest
                 # command (recovery: abort, then reset; it raises unless the command
                 # completes after all, and then it is counted like any other)
-                pending = [r for r in inflight if r is not None and r.state == INFLIGHT]
+                pending = [r for r in requests if r.state == INFLIGHT]
                 oldest = min(pending, key=lambda r: started[r.cid])
                 q.wait(oldest)
                 now = last_done = clock()
                 # that wait reaped whatever else had completed meanwhile: collect them all
-                got = [r for r in inflight if r is not None and r.state == DONE]
+                got = [r for r in requests if r.state == DONE]
                 for r in got:
                     if r.status:
                         q.result(r)
                     lat_append(now - started[r.cid])
                     idle.append(owner[r.cid])
-                    inflight[r.cid] = None
                 release_all(got)
                 done += len(got)
                 continue
@@ -180,7 +178,6 @@ def run(
             cid = r.cid
             lat_append(now - started[cid])
             idle.append(owner[cid])
-            inflight[cid] = None
         release_all(got)
         done += len(got)
         if progress is not None and progress.due(now / 1e9):

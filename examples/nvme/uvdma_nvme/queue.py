@@ -165,6 +165,13 @@ class QueuePair:
         ctypes.memset(self.cq.cpu_addr, 0, self.cq.size)  # stale phase tags must not look new
 
     @property
+    def requests(self) -> tuple[Request, ...]:
+        """Every command slot of the queue, one :class:`Request` per CID (the same objects
+        for the life of the queue): for a caller that looks for what is still in flight
+        (``state == INFLIGHT``) or finished and not yet collected (``done``)."""
+        return tuple(self._requests)
+
+    @property
     def outstanding(self) -> int:
         """Commands submitted whose result has not been collected yet."""
         return len(self._requests) - len(self._free)
