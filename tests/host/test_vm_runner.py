@@ -96,6 +96,14 @@ def test_kvm_and_1g_pages_on_request() -> None:
     assert "default_hugepagesz=1G hugepagesz=1G hugepages=1" in cmd[cmd.index("--append") + 1]
 
 
+def test_tcg_guests_run_on_a_cpu_without_erms_and_kvm_keeps_its_own() -> None:
+    # TCG runs `rep movsb` a byte per iteration: without ERMS the guest copies 8 at a time
+    for iommu in ("intel", "none"):
+        qemu = qemu_opts(vm.build_command(config(iommu=iommu), "vng", []))
+        assert qemu[qemu.index("-cpu") + 1] == "max,-erms" and qemu.count("-cpu") == 1
+    assert "-cpu" not in qemu_opts(vm.build_command(config(accel="kvm"), "vng", []))
+
+
 def test_nvme_iops_throttles_each_drive_in_creation_order() -> None:
     images = [Path(f"/t/{i}.img") for i in range(3)]
     cmd = vm.build_command(config(nvme=3, nvme_iops=[0, 0, 1]), "vng", images)

@@ -69,6 +69,13 @@ _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: path takes one segment), tens of times slower than 6.1; loose caches data and metadata (the
 #: root is read-only and a run short: host changes during a run may go unseen).
 ROOT_FLAGS = "version=9p2000.L,trans=virtio,access=any,msize=512000,cache=loose"
+#: The guest CPU under TCG: QEMU's "max" (what virtme-ng asks for) without ERMS.  With ERMS
+#: the kernel copies and clears with ``rep movsb``/``rep stosb`` (copy_to_user, memcpy,
+#: clear_page) and glibc's large memcpy/memset do too, and TCG runs those one byte per
+#: iteration: copying out of the guest's page cache ran at about 220 MB/s with it and
+#: 900-1200 MB/s without (``rep movsq``, 8 bytes per iteration).  Measured in
+#: docs/test-vm.md ("Reading host files in the built guest").
+TCG_CPU = "max,-erms"
 
 
 def parse_size(text: str) -> int:
@@ -386,6 +393,8 @@ def build_command(
     else:
         qemu_opts = ["-machine", "q35"]
         append = f"vfio.enable_unsafe_noiommu_mode=1 {huge} rootflags={ROOT_FLAGS}"
+    if config.accel == "tcg":  # (with KVM virtme-ng passes the host's CPU)
+        qemu_opts += ["-cpu", TCG_CPU]  # the last -cpu wins, so this replaces virtme-ng's
     iops = config.nvme_iops or [0] * len(images)
     for i, image in enumerate(images):
         drive = f"file={image},if=none,id=uvdmanvm{i},format=raw"
