@@ -777,7 +777,10 @@ def choose_backend(backend: str = "auto", address: str | pci.PciAddress | None =
 
 
 def new_domain(backend: str = "auto", *, sysfs: Path = pci.SYSFS) -> IommuDomain:
-    """A fresh IOMMU domain of the chosen backend (to share between devices)."""
+    """A fresh IOMMU domain of the chosen backend (to share between devices).
+
+    ``sysfs`` is where the backend is chosen and where a no-IOMMU domain reads and grows the
+    hugepage pool (:meth:`~uvdma.vfio.noiommu.NoIommuContainer.alloc_below`)."""
     kind = backend_choice(backend, sysfs=sysfs).backend
     if kind == "iommufd":
         return iommufd.IommufdDomain()
