@@ -607,3 +607,23 @@ def test_a_full_or_read_only_temporary_directory_is_a_clear_error(tmp_path: Path
         vm.run_dir(tmp_path / "missing"),
     ):
         pass
+
+
+def test_a_second_signal_does_not_cut_short_the_clean_up_of_the_first() -> None:
+    # `kill -TERM -- -PGID` on `timeout uvdma vm run`: the runner gets SIGTERM twice (from the
+    # group kill and from timeout forwarding its own); the second must not interrupt the
+    # except clause that kills the VM (it did: QEMU was left running)
+    from uvdma.vm._signals import signals_as_interrupts  # noqa: PLC0415
+
+    cleaned = False
+    with pytest.raises(Interrupted), signals_as_interrupts():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises before this ends
+        except Interrupted:
+            os.kill(os.getpid(), signal.SIGTERM)  # the second one, during the clean-up
+            time.sleep(0.05)
+            cleaned = True
+            raise
+    assert cleaned
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored afterwards

@@ -32,7 +32,17 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
+    # One interrupt is enough: a second signal (``timeout`` forwarding the SIGTERM its process
+    # group also got, a second Ctrl-C) must not cut short the clean-up the first one started
+    # (checked: a group SIGTERM to `timeout uvdma vm run` left QEMU running without this).
+    for s in SIGNALS:
+        if signal.getsignal(s) is _raise:
+            signal.signal(s, _already_interrupted)
     raise Interrupted(signum)
+
+
+def _already_interrupted(signum: int, frame: FrameType | None) -> None:
+    pass  # the first signal's Interrupted is already on its way
 
 
 def _in_main_thread() -> bool:
