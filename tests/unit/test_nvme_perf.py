@@ -448,10 +448,11 @@ def test_prp_runs_by_exact_value() -> None:
     # set shows no field carries into the next
     for first in (0xA000_0000_0000, 1 << 63 | 0x1000):
         for n in (1, 3, 8, 47, 48, 49, 100, PRP_ENTRIES):
-            entries[:] = 7
-            fill_run(entries, first, n, scratch if n % 2 else None)
-            assert entries[:n].tolist() == [first + 4096 * i for i in range(n)]
-            assert (entries[n:] == 7).all()  # nothing past the run
+            for raw in (None, entries.data.cast("B")):  # the bytes view, or made here
+                entries[:] = 7
+                fill_run(entries, first, n, scratch if n % 2 else None, raw)
+                assert entries[:n].tolist() == [first + 4096 * i for i in range(n)]
+                assert (entries[n:] == 7).all()  # nothing past the run
 
 
 def test_transfers_with_prp_lists_on_the_fast_path(
@@ -462,14 +463,22 @@ def test_transfers_with_prp_lists_on_the_fast_path(
     q = ctrl.create_io_queues(1, depth=8)[0]
     with DmaBuffer(ctrl.dma, 1 << 17) as buf:
         view = np.frombuffer(buf.cpu, dtype=np.uint8)
-        for off, size in ((0, 8192), (512, 8192), (0, 3 * 4096), (2048, 1 << 16), (0, 1 << 17)):
+        # the same request each time (depth 8, one at a time): from its second transfer with
+        # a list on, the list page it holds is refilled in place, over a longer list's entries
+        sizes = ((0, 8192), (512, 8192), (0, 3 * 4096), (0, 1 << 17), (2048, 1 << 16))
+        cids = set()
+        for off, size in (*sizes, (4096, 5 * 4096), (3584, 3 * 4096)):
             data = pattern(512, 7, size // 512, seed=off + size)
             view[off : off + size] = data
-            q.complete(q.io(IO_WRITE, ns, 7, size // 512, buf.dma + off, "w"))
+            w = q.io(IO_WRITE, ns, 7, size // 512, buf.dma + off, "w")
+            q.complete(w)
             assert bytes(sim.namespace_data()[7 * 512 : 7 * 512 + size]) == data.tobytes()
             view[:] = 0
-            q.complete(q.io(IO_READ, ns, 7, size // 512, buf.dma + off, "r"))
+            r = q.io(IO_READ, ns, 7, size // 512, buf.dma + off, "r")
+            q.complete(r)
             assert np.array_equal(view[off : off + size], data)
+            cids |= {w.cid, r.cid}
+        assert len(cids) == 1  # one request, its list page refilled each time
 
 
 # -- worker processes ---------------------------------------------------------------------
@@ -721,6 +730,9 @@ def test_the_benchmark_measures_every_row() -> None:
         "io_qd32_4k",
         "batch32_4k",
         "floor_batch32",
+        "own_qd32_4k",
+        "own_io_qd32_4k",
+        "own_batch32_4k",
         "prp_per_page_64k",
         "prp_per_page_128k",
         "prp_per_page_1024k",

@@ -1,10 +1,20 @@
 """What the driver costs, measured on the software controller (:mod:`uvdma_nvme.sim`).
 
-``python -m uvdma_nvme.bench`` (what ``tools/bench-nvme --sim`` runs) prints the CPU time
-per I/O of the driver's own path (QD1, QD32, a batch of 32) and of building a PRP list per
-page, each beside the *anchor*: a no-op Python method call pair timed in the same run, so a
-figure reads as a ratio that holds across machines.  The controller's own cost
-(:attr:`NvmeSim.busy_ns`) is taken out.  Best of three; a benchmark, never a test.
+``python -m uvdma_nvme.bench`` (what ``tools/bench-nvme --sim`` runs) prints CPU time per
+I/O, each beside the *anchor*: a no-op Python method call pair timed in the same run, so a
+figure reads as a ratio that holds across machines.  Best of three; a benchmark, never a
+test.  The rows:
+
+- ``driver_*``, ``io_qd32_4k``, ``batch32_4k``: a minimal caller's loop and the driver on
+  the software controller (QD1, QD32, one io() per I/O, batches of 32); the controller's
+  own cost (:attr:`NvmeSim.busy_ns`) taken out (:func:`driver_path`).
+- ``own_*``: the driver's calls alone (io_batch or io, reap, release_all or complete), each
+  timed on its own, the caller's loop and the device left out (:func:`own_path`).
+- ``floor_batch32``: the least a batch path can cost in CPython (:func:`floor_path`), to
+  compare with ``own_batch32_4k``.
+- ``prp_per_page_*``: PRP2 of one transfer (where its pages are, and its list filled), per
+  list entry.
+
 perf.py's whole loop is measured by ``perf.py --device sim --json`` (driver_ns_per_io).
 """
 
@@ -27,7 +37,7 @@ from typing import Any
 from uvdma.dma import DmaBuffer
 from uvdma.vfio import open_device
 from uvdma_nvme.controller import Controller
-from uvdma_nvme.prp import fill_prp_lists, plan_prps, prp_list_pages_needed
+from uvdma_nvme.prp import plan_prps, prp_list_pages_needed
 from uvdma_nvme.queue import _RW_SQE
 from uvdma_nvme.sim import BDF, NvmeSim, SimConfig, sim_controller
 from uvdma_nvme.spec import IoOpcode
@@ -154,6 +164,105 @@ def driver_path(
             buf.free()
 
 
+def _clock_pair_ns(rounds: int = 5, n: int = 20_000) -> float:
+    """The cost of one ``t0 = perf_counter_ns(); ...; perf_counter_ns() - t0`` around
+    nothing, best of ``rounds`` (what :func:`own_path` takes out of each timed call)."""
+    clock = time.perf_counter_ns
+    best = float("inf")
+    for _ in range(rounds):
+        spent = 0
+        for _i in range(n):
+            t0 = clock()
+            spent += clock() - t0
+        best = min(best, spent / n)
+    return best
+
+
+def own_path(ctrl: Controller, qd: int, bs: int, ios: int, batch: int = 0) -> float:
+    """ns per I/O of the driver's calls alone at queue depth ``qd``: :meth:`QueuePair.io_batch`,
+    :meth:`QueuePair.reap` and :meth:`QueuePair.release_all` (``batch`` 0: what each reap
+    returned, resubmitted at once; N: N at a time), or with ``batch`` -1
+    :meth:`QueuePair.io`, :meth:`QueuePair.reap` and :meth:`QueuePair.complete` per I/O,
+    each call timed on its own.  What is not timed: the caller's loop (its command list
+    and which buffer each request used: what :func:`driver_path` and perf.py add) and the
+    device, played here: the queue's doorbells are plain memory, as a real BAR's are to
+    the CPU, and this function posts each command's completion entry itself (the software
+    controller never sees these commands).  The cost of the clock reads is taken out."""
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=qd + 1)[0]
+    # The device's side, done here and outside the timing: doorbell stores land in plain
+    # memory (the software controller is cut off from this queue, which is never used again)
+    q._sq_doorbell = ctypes.c_uint32()
+    q._cq_doorbell = ctypes.c_uint32()
+    cqe, depth = q._cqe, q.depth
+    nblocks = bs // ns.lba_size
+    bufs = [DmaBuffer(ctrl.dma, bs) for _ in range(qd)]
+    dma = [b.dma for b in bufs]
+    lbas = [(i * 7919 * nblocks) % (ns.blocks - nblocks) for i in range(4096)]
+    read = IoOpcode.READ
+    owner = [0] * qd  # cid -> buffer
+    clock = time.perf_counter_ns
+    pair = _clock_pair_ns()
+    head, phase = 0, 1  # the device's completion queue tail and phase
+    timed = spent = done = k = 0
+    try:
+        free = list(range(qd))
+        while done < ios:
+            if batch >= 0:
+                size = batch or len(free)
+                sent: list[Any] = []
+                while free and len(free) >= size:
+                    took = [free.pop() for _ in range(size)]
+                    cmds = [(lbas[(k + j) & 4095], nblocks, dma[b]) for j, b in enumerate(took)]
+                    k += size
+                    t0 = clock()
+                    reqs = q.io_batch(read, ns, cmds, "read")
+                    spent += clock() - t0
+                    timed += 1
+                    for r, b in zip(reqs, took, strict=True):
+                        owner[r.cid] = b
+                    sent += reqs
+            else:
+                sent = []
+                while free:
+                    b = free.pop()
+                    lba, d = lbas[k & 4095], dma[b]
+                    k += 1
+                    t0 = clock()
+                    r = q.io(read, ns, lba, nblocks, d, "read")
+                    spent += clock() - t0
+                    timed += 1
+                    owner[r.cid] = b
+                    sent.append(r)
+            for r in sent:  # the device completes them all, in order, with success
+                cqe[(head << 2) + 3] = (phase << 16) | r.cid
+                head += 1
+                if head == depth:
+                    head, phase = 0, phase ^ 1
+            t0 = clock()
+            got = q.reap()
+            spent += clock() - t0
+            timed += 1
+            for r in got:
+                free.append(owner[r.cid])
+            if batch >= 0:
+                t0 = clock()
+                q.release_all(got)
+                spent += clock() - t0
+                timed += 1
+            else:
+                for r in got:
+                    t0 = clock()
+                    q.complete(r)
+                    spent += clock() - t0
+                    timed += 1
+            done += len(got)
+        return (spent - timed * pair) / done
+    finally:
+        for buf in bufs:
+            buf.free()
+
+
 def driver_share(cpu_ns: float, wall_ns: float, device_wall_ns: float) -> float:
     """The driver's CPU time in a run that took ``cpu_ns`` of this thread's CPU over
     ``wall_ns``, of which the software controller's code took ``device_wall_ns`` by its
@@ -173,15 +282,18 @@ def device_ns(sim: NvmeSim, dispatch_ns: float | None = None) -> float:
 
 
 def prp_ns_per_page(ctrl: Controller, bs: int, rounds: int = 2000) -> float:
-    """CPU ns per page of building the PRP list of a ``bs``-byte, page-aligned transfer
-    (the request's list page already held, as after its first use)."""
+    """CPU ns per list entry of what the driver does for PRP2 of a ``bs``-byte,
+    page-aligned transfer (:meth:`QueuePair._prp2`: where the pages are, and the list
+    filled; the request's list page already held, as after its first use)."""
     q = ctrl.io_queues[0] if ctrl.io_queues else ctrl.create_io_queues(1, depth=8)[0]
     req = q._requests[0]
-    plan = plan_prps(0x10_0000_0000, bs)
-    lists = q._prp_lists(req, prp_list_pages_needed(plan.pages))
+    dma = 0x10_0000_0000
+    plan = plan_prps(dma, bs)
+    q._prp_lists(req, prp_list_pages_needed(plan.pages))
+    prp2 = q._prp2
     t0 = time.thread_time_ns()
     for _ in range(rounds):
-        fill_prp_lists(plan, lists, q._prp_scratch)
+        prp2(req, dma, bs)
     return (time.thread_time_ns() - t0) / rounds / plan.pages
 
 
@@ -198,10 +310,10 @@ def floor_path(ios: int, qd: int = 32) -> float:
     checks the driver makes (integers, LBA range, MDTS, the remembered mapped range), a
     slot from a free list, one 64-byte ``pack_into`` into a queue in memory; one lock and
     one doorbell store per batch; a reap of ``qd`` phase-tagged entries (written here for
-    it, outside the timing) and their release under one lock each; the caller's list of
-    commands.  What is left between this and :func:`driver_path` with ``batch=qd`` is
-    what the driver adds: its request bookkeeping, the blocked-queue flag, PRP lists, and
-    the full checks' fallback."""
+    it, outside the timing) and their release under one lock each.  The caller's list of
+    commands is made outside the timing, as in :func:`own_path`: what is left between this
+    and :func:`own_path` with ``batch=qd`` is what the driver adds: its request
+    bookkeeping, the blocked-queue flag, PRP lists, and the full checks' fallback."""
     depth, blocks, lba_size, mdts, nsid = qd + 1, 1 << 20, 512, 1 << 20, 1
     lo, end = 0x100_0000, 0x200_0000
     sq = memoryview(bytearray(64 * depth))
@@ -218,9 +330,9 @@ def floor_path(ios: int, qd: int = 32) -> float:
     tail = head = k = spent = done = 0
     phase = 1
     while done < ios:
-        t0 = time.thread_time_ns()
-        cmds = [(lbas[(k + i) & 4095], 8, dmas[i]) for i in range(qd)]
+        cmds = [(lbas[(k + i) & 4095], 8, dmas[i]) for i in range(qd)]  # the caller's
         k += qd
+        t0 = time.thread_time_ns()
         out: list[_FloorRequest] = []
         take = out.append
         with lock:
@@ -302,6 +414,9 @@ def measure(ios: int = 100_000, runs: int = 3) -> dict[str, Any]:
         best("io_qd32_4k", functools.partial(driver_path, ctrl, sim, 32, 4096, ios, batch=-1))
         best("batch32_4k", functools.partial(driver_path, ctrl, sim, 32, 4096, ios, batch=32))
         best("floor_batch32", functools.partial(floor_path, ios))
+        best("own_qd32_4k", functools.partial(own_path, ctrl, 32, 4096, ios))
+        best("own_io_qd32_4k", functools.partial(own_path, ctrl, 32, 4096, ios, -1))
+        best("own_batch32_4k", functools.partial(own_path, ctrl, 32, 4096, ios, 32))
         for bs in (65536, 131072, 1 << 20):
             best(f"prp_per_page_{bs // 1024}k", functools.partial(prp_ns_per_page, ctrl, bs))
     anchor = min(anchors)

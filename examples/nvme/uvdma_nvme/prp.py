@@ -84,13 +84,17 @@ def fill_run(
     first: int,
     n: int,
     scratch: npt.NDArray[np.uint64] | None = None,
+    raw: memoryview | None = None,
 ) -> None:
     """``entries[:n] = first, first + 4 KiB, ...`` in C: for a short run one integer's
     bytes copied in; for a long one a numpy add (after one store of ``first`` into the 0-d
-    ``scratch``: numpy adds an array faster than it converts a Python int)."""
+    ``scratch``: numpy adds an array faster than it converts a Python int).  ``raw``: the
+    same memory as bytes, kept by the caller (making the view costs more than the copy)."""
     if n <= _SHORT:
         ones, steps = _TERMS[n]
-        entries.data.cast("B")[: n * 8] = (first * ones + steps).to_bytes(n * 8, "little")
+        if raw is None:
+            raw = entries.data.cast("B")
+        raw[: n * 8] = (first * ones + steps).to_bytes(n * 8, "little")
         return
     if scratch is None:
         scratch = np.zeros((), dtype=np.uint64)

@@ -33,7 +33,13 @@ from uvdma.dma import (
 from uvdma.dma.gfp import DmaDataDirection
 from uvdma.errors import ClosedError, UvdmaError
 from uvdma_nvme.errors import CommandError, NvmeError
-from uvdma_nvme.prp import PRP_ENTRIES, fill_prp_lists, plan_prps, prp_list_pages_needed
+from uvdma_nvme.prp import (
+    PRP_ENTRIES,
+    fill_prp_lists,
+    fill_run,
+    plan_prps,
+    prp_list_pages_needed,
+)
 from uvdma_nvme.spec import DOORBELLS, PAGE, SQE_FORMAT, IoOpcode
 
 if TYPE_CHECKING:
@@ -47,6 +53,7 @@ _SQE = struct.Struct(SQE_FORMAT)
 # are written as zeros, so one call writes the whole 64-byte slot.
 _RW_SQE = struct.Struct("<II16xQQQI12x")
 _PAGE_MASK = PAGE - 1
+_PAGE_SHIFT = PAGE.bit_length() - 1
 
 
 def _region(dev: DmaDevice, size: int) -> DmaRegion:
@@ -84,7 +91,8 @@ class Request:
         self.rw = False  # a Read or Write: its CQE's DW0 means nothing and is not read
         self.what = ""
         self.error: NvmeError | None = None
-        self.lists: list[tuple[npt.NDArray[np.uint64], int, int]] = []  # (view, dma, vaddr)
+        # its PRP list pages: (entries, dma, vaddr, the page as bytes)
+        self.lists: list[tuple[npt.NDArray[np.uint64], int, int, memoryview]] = []
 
     @property
     def done(self) -> bool:
@@ -462,9 +470,10 @@ class QueuePair:
         while len(req.lists) < count:  # the request's own list pages, kept for reuse
             self.ctrl._check_may_allocate("a PRP list page")
             vaddr, dma = self.ctrl.prp_pool.alloc()
-            view = np.ctypeslib.as_array((ctypes.c_uint64 * PRP_ENTRIES).from_address(vaddr))
-            req.lists.append((view, dma, vaddr))
-        return [(view, dma) for view, dma, _ in req.lists[:count]]
+            words = (ctypes.c_uint64 * PRP_ENTRIES).from_address(vaddr)
+            view = np.ctypeslib.as_array(words)
+            req.lists.append((view, dma, vaddr, memoryview(words).cast("B")))
+        return [(view, dma) for view, dma, _, _ in req.lists[:count]]
 
     def reserve_prp_lists(self, max_bytes: int) -> None:
         """Give every request now the PRP list pages a transfer of up to ``max_bytes`` at
@@ -478,9 +487,15 @@ class QueuePair:
 
     def _prp2(self, req: Request, dma: int, length: int) -> int:
         """PRP2 of a transfer that spans more than one page (NVMe 2.0, 4.1.1)."""
-        first = PAGE - (dma & _PAGE_MASK)
-        if length <= first + PAGE:
-            return (dma | _PAGE_MASK) + 1  # the second and last page
+        second = (dma | _PAGE_MASK) + 1
+        end = dma + length
+        if end <= second + PAGE:
+            return second  # the second and last page
+        entries = (end - second + _PAGE_MASK) >> _PAGE_SHIFT  # the pages after the first
+        if entries <= PRP_ENTRIES and req.lists:  # one list page, the request's own
+            view, list_dma, _vaddr, raw = req.lists[0]
+            fill_run(view, second, entries, self._prp_scratch, raw)
+            return list_dma
         plan = plan_prps(dma, length)
         lists = self._prp_lists(req, prp_list_pages_needed(plan.pages))
         return fill_prp_lists(plan, lists, self._prp_scratch)  # under the lock: ours
@@ -579,7 +594,7 @@ class QueuePair:
             if not req.rw:
                 req.rw = True
                 req.dw0 = 0
-            prp2 = self._prp2(req, dma, length) if length > PAGE - (dma & _PAGE_MASK) else 0
+            prp2 = self._prp2(req, dma, length) if (dma & _PAGE_MASK) + length > PAGE else 0
             tail = self._sq_tail
             _RW_SQE.pack_into(
                 self._sq_mem, tail << 6, opcode | req.tag, ns.nsid, dma, prp2, lba, nblocks - 1
@@ -642,6 +657,7 @@ class QueuePair:
         mapped ranges then stand while it is unchanged)."""
         blocks, lba_size, mdts, nsid = ns.blocks, ns.lba_size, self._max_transfer, ns.nsid
         requests, sq, pack, depth = self._requests, self._sq_mem, _RW_SQE.pack_into, self.depth
+        page, mask, inflight = PAGE, _PAGE_MASK, INFLIGHT  # locals: no global lookups per I/O
         out: list[Request] = []
         take = out.append
         with self._lock:  # not acquire() then ``try``: a Ctrl-C between would keep it
@@ -679,9 +695,9 @@ class QueuePair:
                     if not req.rw:
                         req.rw = True
                         req.dw0 = 0
-                    prp2 = self._prp2(req, dma, length) if length > PAGE - (dma & _PAGE_MASK) else 0
+                    prp2 = self._prp2(req, dma, length) if (dma & mask) + length > page else 0
                     pack(sq, tail << 6, opcode | req.tag, nsid, dma, prp2, lba, nblocks - 1)
-                    req.state = INFLIGHT  # not visible to reap: it waits for this lock
+                    req.state = inflight  # not visible to reap: it waits for this lock
                     tail += 1
                     if tail == depth:
                         tail = 0
@@ -793,7 +809,7 @@ class QueuePair:
             return
         self._freed = self._blocked = True
         for req in self._requests:
-            for _view, dma, vaddr in req.lists:
+            for _view, dma, vaddr, _raw in req.lists:
                 self.ctrl.prp_pool.free(vaddr, dma)
             req.lists.clear()
         for r in (self.cq, self.sq):
