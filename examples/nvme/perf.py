@@ -133,11 +133,10 @@ def run(
                     len(idle) >= size or (idle and submitted + len(idle) >= limit)
                 ):
                     n = min(len(idle), size, limit - submitted)
-                    took = [idle.pop() for _ in range(n)]
-                    cmds = []
-                    for b in took:
-                        cmds.append((table[k & 0xFFFF], nblocks, dma[b]))
-                        k += 1
+                    took = idle[-n:]  # (slices and a comprehension: C loops, not bytecode)
+                    del idle[-n:]
+                    cmds = [(table[(k + j) & 0xFFFF], nblocks, dma[b]) for j, b in enumerate(took)]
+                    k += n
                     for r, b in zip(io_batch(opcode, ns, cmds, what), took, strict=True):
                         cid = r.cid
                         owner[cid] = b
