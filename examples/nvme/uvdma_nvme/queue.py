@@ -323,7 +323,7 @@ class QueuePair:
             done: list[Request] = []
             add = done.append
             lost: list[Request] = []
-            inflight = INFLIGHT
+            inflight, done_ = INFLIGHT, DONE  # locals: no global lookups per entry
             try:
                 while dw3 & 0x10000 == want:
                     try:
@@ -336,7 +336,7 @@ class QueuePair:
                             req.status = dw3 >> 17
                             if admin or not req.rw:  # a Read's or Write's DW0 means nothing
                                 req.dw0 = cqe[head << 2]
-                            req.state = DONE
+                            req.state = done_
                             add(req)
                         elif state == LOST:  # its caller was told; the device is done now
                             lost.append(req)  # freed once the head has moved past it
