@@ -104,6 +104,16 @@ def test_tcg_guests_run_on_a_cpu_without_erms_and_kvm_keeps_its_own() -> None:
     assert "-cpu" not in qemu_opts(vm.build_command(config(accel="kvm"), "vng", []))
 
 
+def test_guest_ram_is_preallocated_only_when_the_host_has_it_to_spare(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 2 GiB guest: committed at start when 3 GiB are available, left lazy below that
+    for available, want in ((3 << 30, True), ((3 << 30) - 1, False), (None, False)):
+        monkeypatch.setattr(vm, "_host_available", lambda a=available: a)
+        qemu = qemu_opts(vm.build_command(config(memory="2G"), "vng", []))
+        assert ("-mem-prealloc" in qemu) is want, available
+
+
 def test_nvme_iops_throttles_each_drive_in_creation_order() -> None:
     images = [Path(f"/t/{i}.img") for i in range(3)]
     cmd = vm.build_command(config(nvme=3, nvme_iops=[0, 0, 1]), "vng", images)
