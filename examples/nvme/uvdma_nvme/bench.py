@@ -395,30 +395,31 @@ def floor_path(ios: int, qd: int = 32) -> float:
 
 
 def measure(ios: int = 100_000, runs: int = 3) -> dict[str, Any]:
-    """Every figure, best of ``runs``, with the anchor (best of all its runs)."""
-    rows: dict[str, float] = {}
+    """Every figure, best of ``runs``, with the anchor (best of all its runs).  The rows
+    take turns within each run, so that a busy spell of the machine falls on all of them
+    rather than on every run of one."""
     anchors: list[float] = []
-
-    def best(name: str, fn: Callable[[], float]) -> None:
-        vals = []
-        for _ in range(runs):
-            anchors.append(anchor_ns())
-            vals.append(fn())
-        rows[name] = min(vals)
-
-    cfg = SimConfig(mdts=8, queues=64, clock=SIM_CLOCK)  # 1 MiB transfers, for PRP figures
+    # 1 MiB transfers, for PRP figures; a new queue per measurement of seven rows
+    cfg = SimConfig(mdts=8, queues=max(64, 8 * runs), clock=SIM_CLOCK)
     with sim_driver(cfg) as (ctrl, sim):
-        for qd in (1, 32):
-            best(f"driver_qd{qd}_4k", functools.partial(driver_path, ctrl, sim, qd, 4096, ios))
+        figures: dict[str, Callable[[], float]] = {
+            f"driver_qd{qd}_4k": functools.partial(driver_path, ctrl, sim, qd, 4096, ios)
+            for qd in (1, 32)
+        }
         # QD32 with one io() and one complete() per I/O (no batching at all)
-        best("io_qd32_4k", functools.partial(driver_path, ctrl, sim, 32, 4096, ios, batch=-1))
-        best("batch32_4k", functools.partial(driver_path, ctrl, sim, 32, 4096, ios, batch=32))
-        best("floor_batch32", functools.partial(floor_path, ios))
-        best("own_qd32_4k", functools.partial(own_path, ctrl, 32, 4096, ios))
-        best("own_io_qd32_4k", functools.partial(own_path, ctrl, 32, 4096, ios, -1))
-        best("own_batch32_4k", functools.partial(own_path, ctrl, 32, 4096, ios, 32))
+        figures["io_qd32_4k"] = functools.partial(driver_path, ctrl, sim, 32, 4096, ios, -1)
+        figures["batch32_4k"] = functools.partial(driver_path, ctrl, sim, 32, 4096, ios, 32)
+        figures["floor_batch32"] = functools.partial(floor_path, ios)
+        figures["own_qd32_4k"] = functools.partial(own_path, ctrl, 32, 4096, ios)
+        figures["own_io_qd32_4k"] = functools.partial(own_path, ctrl, 32, 4096, ios, -1)
+        figures["own_batch32_4k"] = functools.partial(own_path, ctrl, 32, 4096, ios, 32)
         for bs in (65536, 131072, 1 << 20):
-            best(f"prp_per_page_{bs // 1024}k", functools.partial(prp_ns_per_page, ctrl, bs))
+            figures[f"prp_per_page_{bs // 1024}k"] = functools.partial(prp_ns_per_page, ctrl, bs)
+        rows = {name: float("inf") for name in figures}
+        for _ in range(runs):
+            for name, fn in figures.items():
+                anchors.append(anchor_ns())
+                rows[name] = min(rows[name], fn())
     anchor = min(anchors)
     return {"anchor_ns": round(anchor, 1)} | {
         k: {"ns": round(v, 1), "x_anchor": round(v / anchor, 2)} for k, v in rows.items()
@@ -475,6 +476,8 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.ios < 1 or args.runs < 1:
+        parser.error("--ios and --runs must be at least 1")
     out = measure(args.ios, args.runs)
     if args.perf_table:
         out["perf"] = perf_table(runs=args.runs) + perf_table(
