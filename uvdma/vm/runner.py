@@ -215,20 +215,19 @@ def _prealloc_fits(guest: int) -> bool:
 
 def _host_available() -> int | None:
     """MemAvailable of this machine, or None if /proc/meminfo cannot tell."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) << 10
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return _meminfo("MemAvailable")
 
 
 def _host_memory() -> int | None:
     """MemTotal of this machine, or None if /proc/meminfo cannot tell."""
+    return _meminfo("MemTotal")
+
+
+def _meminfo(field: str) -> int | None:
+    """One field of /proc/meminfo in bytes, or None if it cannot tell."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) << 10
     except (OSError, ValueError, IndexError):
         return None

@@ -36,9 +36,9 @@ from typing import Any
 
 from uvdma.dma import DmaBuffer
 from uvdma.vfio import open_device
-from uvdma_nvme.controller import Controller
+from uvdma_nvme.controller import Controller, Namespace
 from uvdma_nvme.prp import plan_prps, prp_list_pages_needed
-from uvdma_nvme.queue import _RW_SQE
+from uvdma_nvme.queue import _RW_SQE, QueuePair
 from uvdma_nvme.sim import BDF, NvmeSim, SimConfig, sim_controller
 from uvdma_nvme.spec import IoOpcode
 
@@ -100,6 +100,19 @@ def open_controller(
             yield ctrl, None
 
 
+def _rig(
+    ctrl: Controller, qd: int, bs: int
+) -> tuple[Namespace, QueuePair, int, list[DmaBuffer], list[int], list[int]]:
+    """What a measurement at depth ``qd`` of ``bs``-byte reads needs: namespace 1, a new
+    queue, the blocks per read, ``qd`` buffers and their DMA addresses, 4096 LBAs."""
+    ns = ctrl.namespace(1)
+    q = ctrl.create_io_queues(1, depth=qd + 1)[0]
+    nblocks = bs // ns.lba_size
+    bufs = [DmaBuffer(ctrl.dma, bs) for _ in range(qd)]
+    lbas = [(i * 7919 * nblocks) % (ns.blocks - nblocks) for i in range(4096)]
+    return ns, q, nblocks, bufs, [b.dma for b in bufs], lbas
+
+
 def driver_path(
     ctrl: Controller, sim: NvmeSim, qd: int, bs: int, ios: int, batch: int = 0
 ) -> float:
@@ -110,12 +123,7 @@ def driver_path(
     and resubmitted with one doorbell write (:meth:`QueuePair.io_batch`; one at a time
     with :meth:`QueuePair.io` when a reap returned one); ``batch`` N: N at a time;
     ``batch`` -1: one :meth:`QueuePair.io` and one :meth:`QueuePair.complete` per I/O."""
-    ns = ctrl.namespace(1)
-    q = ctrl.create_io_queues(1, depth=qd + 1)[0]
-    nblocks = bs // ns.lba_size
-    bufs = [DmaBuffer(ctrl.dma, bs) for _ in range(qd)]
-    dma = [b.dma for b in bufs]
-    lbas = [(i * 7919 * nblocks) % (ns.blocks - nblocks) for i in range(4096)]
+    ns, q, nblocks, bufs, dma, lbas = _rig(ctrl, qd, bs)
     read = IoOpcode.READ
     owner = [0] * qd  # cid -> buffer
     try:
@@ -188,17 +196,12 @@ def own_path(ctrl: Controller, qd: int, bs: int, ios: int, batch: int = 0) -> fl
     device, played here: the queue's doorbells are plain memory, as a real BAR's are to
     the CPU, and this function posts each command's completion entry itself (the software
     controller never sees these commands).  The cost of the clock reads is taken out."""
-    ns = ctrl.namespace(1)
-    q = ctrl.create_io_queues(1, depth=qd + 1)[0]
+    ns, q, nblocks, bufs, dma, lbas = _rig(ctrl, qd, bs)
     # The device's side, done here and outside the timing: doorbell stores land in plain
     # memory (the software controller is cut off from this queue, which is never used again)
     q._sq_doorbell = ctypes.c_uint32()
     q._cq_doorbell = ctypes.c_uint32()
     cqe, depth = q._cqe, q.depth
-    nblocks = bs // ns.lba_size
-    bufs = [DmaBuffer(ctrl.dma, bs) for _ in range(qd)]
-    dma = [b.dma for b in bufs]
-    lbas = [(i * 7919 * nblocks) % (ns.blocks - nblocks) for i in range(4096)]
     read = IoOpcode.READ
     owner = [0] * qd  # cid -> buffer
     clock = time.perf_counter_ns
