@@ -28,6 +28,14 @@ from uvdma.errors import VmError, VmTimeoutError
 from uvdma.vm import runner as vm
 from uvdma.vm._signals import Interrupted
 
+_HOST_AVAILABLE = vm._host_available  # the real one, for the test of it
+
+
+@pytest.fixture(autouse=True)
+def _host_with_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command lines on every machine: --prealloc auto sees 16 GiB available."""
+    monkeypatch.setattr(vm, "_host_available", lambda: 16 << 30)
+
 
 def config(**kw: object) -> vm.VmConfig:
     cfg = vm.VmConfig(command=["pytest", "-m", "vm"], kernel=Path("/boot/vmlinuz-test"))
@@ -107,11 +115,29 @@ def test_tcg_guests_run_on_a_cpu_without_erms_and_kvm_keeps_its_own() -> None:
 def test_guest_ram_is_preallocated_only_when_the_host_has_it_to_spare(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # 2 GiB guest: committed at start when 3 GiB are available, left lazy below that
-    for available, want in ((3 << 30, True), ((3 << 30) - 1, False), (None, False)):
+    # 2 GiB guest: committed at start when 4 GiB are available, left lazy below that;
+    # --prealloc on/off decide whatever the host has
+    for available, want in ((4 << 30, True), ((4 << 30) - 1, False), (None, False)):
         monkeypatch.setattr(vm, "_host_available", lambda a=available: a)
         qemu = qemu_opts(vm.build_command(config(memory="2G"), "vng", []))
         assert ("-mem-prealloc" in qemu) is want, available
+        for prealloc in ("on", "off"):
+            qemu = qemu_opts(vm.build_command(config(memory="2G", prealloc=prealloc), "vng", []))
+            assert ("-mem-prealloc" in qemu) is (prealloc == "on")
+
+
+def test_available_memory_is_capped_by_the_memory_cgroup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(vm, "_meminfo", lambda field: 20 << 30)
+    for room, want in ((None, 20 << 30), (3 << 30, 3 << 30), (40 << 30, 20 << 30)):
+        monkeypatch.setattr(vm, "_cgroup_room", lambda r=room: r)
+        assert _HOST_AVAILABLE() == want
+
+
+def test_a_bad_prealloc_is_refused() -> None:
+    with pytest.raises(VmError, match="--prealloc must be auto, on or off"):
+        config(prealloc="sometimes").check()
 
 
 def test_nvme_iops_throttles_each_drive_in_creation_order() -> None:

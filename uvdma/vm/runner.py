@@ -56,6 +56,7 @@ MAX_CPUS = 64  # beyond this intel-iommu needs x2APIC EIM; TCG on 2 cores gains 
 #: Below this the guest's kernel and Python do not fit (checked: 384M boots and runs
 #: `python -m pytest --version`, 256M does not get to the command).
 MIN_MEMORY = 512 << 20
+PREALLOC_CHOICES = ("auto", "on", "off")
 MAX_NVME_SIZE = 1 << 40  # sparse files; the guest's writes fill them
 #: QEMU's THROTTLE_VALUE_MAX (include/qemu/throttle.h).
 MAX_IOPS = 1_000_000_000_000_000
@@ -136,6 +137,7 @@ class VmConfig:
     accel: str = "tcg"
     iommu: str = "intel"
     bind: bool = False
+    prealloc: str = "auto"
     boot_timeout: float = 180.0
     timeout: float = 1800.0
     cwd: Path = field(default_factory=Path.cwd)
@@ -166,6 +168,8 @@ class VmConfig:
             raise VmError(f"--accel must be tcg or kvm, not {self.accel}")
         if self.iommu not in IOMMU_CHOICES:
             raise VmError(f"--iommu must be intel or none, not {self.iommu}")
+        if self.prealloc not in PREALLOC_CHOICES:
+            raise VmError(f"--prealloc must be auto, on or off, not {self.prealloc}")
         if not 1 <= self.cpus <= MAX_CPUS:
             raise VmError(f"--cpus must be between 1 and {MAX_CPUS}, not {self.cpus}")
         mem = parse_size(self.memory)
@@ -203,19 +207,42 @@ class VmConfig:
 
 
 def _prealloc_fits(guest: int) -> bool:
-    """Whether QEMU may commit all ``guest`` bytes of RAM at start (``-mem-prealloc``):
-    when this machine has that much available and 1 GiB to spare.  Guest RAM the host has
-    not touched yet costs a host page fault on the guest's first write to each page, and a
-    guest's page cache is such memory: the built guest's first large read over 9p after boot
-    ran at 73-149 MB/s without it and 157-319 MB/s with it (docs/test-vm.md).  Too little
-    to spare: no preallocation (as before), rather than pressing the host's other work."""
+    """``--prealloc auto``: whether QEMU may commit all ``guest`` bytes of RAM at start
+    (``-mem-prealloc``): when this machine (and this process's memory cgroup) has that much
+    available and 2 GiB to spare, for QEMU's own memory and the host's other work.  Guest RAM
+    the host has not touched yet costs a host page fault on the guest's first write to each
+    page, and a guest's page cache is such memory: the built guest's first large read over 9p
+    after boot was the slowest of every boot without it (docs/test-vm.md).  Too little to
+    spare: no preallocation, rather than pressing the host's other work."""
     available = _host_available()
-    return available is not None and guest + (1 << 30) <= available
+    return available is not None and guest + (2 << 30) <= available
 
 
 def _host_available() -> int | None:
-    """MemAvailable of this machine, or None if /proc/meminfo cannot tell."""
-    return _meminfo("MemAvailable")
+    """What this process may still take: MemAvailable, lowered to its memory cgroup's room
+    (cgroup v2 ``memory.max`` less ``memory.current``) when that is limited; None if
+    /proc/meminfo cannot tell."""
+    available = _meminfo("MemAvailable")
+    room = _cgroup_room()
+    if available is None or room is None:
+        return available
+    return min(available, room)
+
+
+def _cgroup_room() -> int | None:
+    """``memory.max - memory.current`` of this process's cgroup (v2), or None when it has
+    no limit or cannot be read."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                group = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+                limit = (group / "memory.max").read_text().strip()
+                if limit == "max":
+                    return None
+                return max(0, int(limit) - int((group / "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _host_memory() -> int | None:
@@ -416,7 +443,9 @@ def build_command(
         append = f"vfio.enable_unsafe_noiommu_mode=1 {huge} rootflags={ROOT_FLAGS}"
     if config.accel == "tcg":  # (with KVM virtme-ng passes the host's CPU)
         qemu_opts += ["-cpu", TCG_CPU]  # the last -cpu wins, so this replaces virtme-ng's
-    if _prealloc_fits(parse_size(config.memory)):
+    if config.prealloc == "on" or (
+        config.prealloc == "auto" and _prealloc_fits(parse_size(config.memory))
+    ):
         qemu_opts.append("-mem-prealloc")
     iops = config.nvme_iops or [0] * len(images)
     for i, image in enumerate(images):
@@ -709,8 +738,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--memory",
         type=size_arg(MIN_MEMORY, 1 << 40),
         default="2G",
-        help="guest memory (default 2G); committed when QEMU starts if this machine has it "
-        "available and 1 GiB to spare",
+        help="guest memory (default 2G)",
+    )
+    p.add_argument(
+        "--prealloc",
+        default="auto",
+        choices=PREALLOC_CHOICES,
+        help="commit the guest's memory when QEMU starts (faster first writes to each page); "
+        "auto (default): when this machine has it available and 2 GiB to spare",
     )
     p.add_argument("--cpus", type=int_arg(1, MAX_CPUS), default=2)
     p.add_argument("--accel", default="tcg", choices=["tcg", "kvm"], help="default tcg")
@@ -748,6 +783,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         accel=args.accel,
         iommu=args.iommu,
         bind=args.bind,
+        prealloc=args.prealloc,
         boot_timeout=args.boot_timeout,
         timeout=args.timeout,
         env=env,
