@@ -657,7 +657,8 @@ class QueuePair:
         mapped ranges then stand while it is unchanged)."""
         blocks, lba_size, mdts, nsid = ns.blocks, ns.lba_size, self._max_transfer, ns.nsid
         requests, sq, pack, depth = self._requests, self._sq_mem, _RW_SQE.pack_into, self.depth
-        page, mask, inflight = PAGE, _PAGE_MASK, INFLIGHT  # locals: no global lookups per I/O
+        # locals: no global or builtin lookups per command
+        page, mask, inflight, int_ = PAGE, _PAGE_MASK, INFLIGHT, int
         out: list[Request] = []
         take = out.append
         with self._lock:  # not acquire() then ``try``: a Ctrl-C between would keep it
@@ -677,9 +678,9 @@ class QueuePair:
             try:
                 for lba, nblocks, dma in cmds:
                     if (
-                        lba.__class__ is not int
-                        or nblocks.__class__ is not int
-                        or dma.__class__ is not int
+                        lba.__class__ is not int_
+                        or nblocks.__class__ is not int_
+                        or dma.__class__ is not int_
                         or nblocks < 1
                         or lba < 0
                         or lba + nblocks > blocks
