@@ -351,6 +351,17 @@ def test_size_zero_and_sizes_larger_than_any_zone(dev: DmaDevice) -> None:
     assert state(dev) == before
 
 
+def test_a_size_that_is_not_a_whole_number_of_bytes_is_refused(dev: DmaDevice) -> None:
+    before = state(dev)
+    for size in (1.5, "4096", True, None):
+        with pytest.raises(TypeError, match=r"size must be a whole number of bytes \(an int\)"):
+            dma_alloc_coherent(dev, size)  # type: ignore[arg-type]
+    assert state(dev) == before
+    cpu, dma = dma_alloc_coherent(dev, np.int64(4096))  # numpy's integers are integers
+    dma_free_coherent(dev, 4096, cpu, dma)
+    assert state(dev) == before
+
+
 def test_bad_frees_are_refused_with_the_allocating_call_site(dev: DmaDevice) -> None:
     cpu, dma = dma_alloc_coherent(dev, 8192, GFP_ATOMIC)
     before = state(dev)

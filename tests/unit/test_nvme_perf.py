@@ -481,6 +481,25 @@ def test_transfers_with_prp_lists_on_the_fast_path(
         assert len(cids) == 1  # one request, its list page refilled each time
 
 
+def test_what_is_not_a_request_is_refused_by_name(
+    rig: tuple[FakeKernel, NvmeSim, Controller],
+) -> None:
+    _k, _sim, ctrl = rig
+    q = ctrl.create_io_queues(1, depth=4)[0]
+    calls: dict[str, Any] = {
+        "complete": q.complete,
+        "wait": q.wait,
+        "result": q.result,
+        "release": q.release,
+        "release_all": lambda r: q.release_all([r]),
+    }
+    for name, call in calls.items():
+        for bad in (None, 3, "cid 1"):
+            with pytest.raises(NvmeError, match=rf"^{name}: .* is not a Request: pass what io"):
+                call(bad)
+    assert q.outstanding == 0
+
+
 def test_prp2_refilled_in_place_lists_every_page(
     rig: tuple[FakeKernel, NvmeSim, Controller],
 ) -> None:

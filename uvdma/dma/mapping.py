@@ -12,6 +12,7 @@ kernel's pair (``cpu, dma = dma_alloc_coherent(dev, size)``) and names it
 from __future__ import annotations
 
 import ctypes
+import operator
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,8 @@ def dma_alloc_coherent(dev: DmaDevice, size: int, gfp: int = GFP_KERNEL) -> DmaA
     Raises :class:`~uvdma.errors.DmaAllocError` where the kernel returns NULL, and
     ``ValueError`` for a size of 0.
     """
+    if size.__class__ is not int:
+        size = _byte_count(size, f"dma_alloc_coherent({dev.name})")
     if size <= 0:
         raise ValueError(f"dma_alloc_coherent({dev.name}): size must be positive, not {size}")
     vd = dev._vfio  # check_usable, inlined: this is the atomic hot path
@@ -91,6 +94,19 @@ def dma_alloc_coherent(dev: DmaDevice, size: int, gfp: int = GFP_KERNEL) -> DmaA
         raise dev.closed_error("dma_alloc_coherent")
     size = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)  # PAGE_ALIGN
     return dma_direct_alloc(dev, size, gfp)
+
+
+def _byte_count(size: object, what: str) -> int:
+    """``size`` as a plain int: an integer type (numpy's too), never a bool or a float."""
+    if not isinstance(size, bool):
+        try:
+            return operator.index(size)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise TypeError(
+        f"{what}: size must be a whole number of bytes (an int), not {size!r} "
+        f"({type(size).__name__})"
+    )
 
 
 def dma_free_coherent(dev: DmaDevice, size: int, cpu_addr: int, dma_handle: int) -> None:

@@ -365,6 +365,8 @@ class QueuePair:
         starts recovery (abort, then reset) and raises :class:`CommandTimeoutError` once the
         device can no longer touch the command's memory.
         """
+        if req.__class__ is not Request:
+            raise _not_a_request(req, "wait")
         if req.state == FREE:
             raise NvmeError(f"{req!r} is not in flight (already collected?)")
         if req.state == INFLIGHT:
@@ -392,6 +394,8 @@ class QueuePair:
     def result(self, req: Request) -> int:
         """A finished request's DW0; its error (status, timeout, reset) raised.  For
         requests :meth:`reap` returned, before :meth:`release_all` gives them back."""
+        if req.__class__ is not Request:
+            raise _not_a_request(req, "result")
         if req.state == INFLIGHT or req.state == FREE:  # noqa: PLR1714
             raise NvmeError(f"{req!r} has no result: it is not done")
         return self._result(req)
@@ -407,6 +411,8 @@ class QueuePair:
 
     def release(self, req: Request) -> None:
         """Give a finished request's slot back (what :meth:`complete` does after waiting)."""
+        if req.__class__ is not Request:
+            raise _not_a_request(req, "release")
         if req.state in (DONE, FAILED):
             self._give_back(req)
         elif req.state == INFLIGHT:
@@ -418,7 +424,11 @@ class QueuePair:
         another queue, is refused and nothing is given back."""
         with self._lock:
             for req in reqs:
-                if req.state < DONE or req.qid != self.qid:
+                try:  # (free in CPython 3.11 unless it raises)
+                    bad = req.state < DONE or req.qid != self.qid
+                except AttributeError:
+                    raise _not_a_request(req, "release_all") from None
+                if bad:
                     raise NvmeError(
                         f"release_all: {req!r} is not a finished request of queue {self.qid}: "
                         "nothing was released"
@@ -431,7 +441,11 @@ class QueuePair:
 
     def complete(self, req: Request, timeout: float | None = None) -> int:
         """Wait for ``req`` and give its slot back; its DW0 (raises as :meth:`wait`)."""
-        if req.state == DONE and not req.status and req.qid == self.qid:  # reaped, fine
+        try:
+            state = req.state
+        except AttributeError:
+            raise _not_a_request(req, "complete") from None
+        if state == DONE and not req.status and req.qid == self.qid:  # reaped, fine
             with self._lock:
                 if req.state == DONE:  # (another thread may have collected it meanwhile)
                     req.state = FREE
@@ -818,6 +832,13 @@ class QueuePair:
 
     def __repr__(self) -> str:
         return f"QueuePair(qid {self.qid}, depth {self.depth}, {self.outstanding} outstanding)"
+
+
+def _not_a_request(value: object, what: str) -> NvmeError:
+    return NvmeError(
+        f"{what}: {value!r} ({type(value).__name__}) is not a Request: pass what io(), "
+        "io_batch(), submit() or reap() returned"
+    )
 
 
 def _field(value: object, name: str, top: int, what: str) -> None:
