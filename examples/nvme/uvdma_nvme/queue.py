@@ -35,6 +35,7 @@ from uvdma.errors import ClosedError, UvdmaError
 from uvdma_nvme.errors import CommandError, NvmeError
 from uvdma_nvme.prp import (
     PRP_ENTRIES,
+    PrpPlan,
     fill_prp_lists,
     fill_run,
     plan_prps,
@@ -510,7 +511,7 @@ class QueuePair:
             view, list_dma, _vaddr, raw = req.lists[0]
             fill_run(view, second, entries, self._prp_scratch, raw)
             return list_dma
-        plan = plan_prps(dma, length)
+        plan = PrpPlan(dma, second, entries)  # what plan_prps(dma, length) gives
         lists = self._prp_lists(req, prp_list_pages_needed(plan.pages))
         return fill_prp_lists(plan, lists, self._prp_scratch)  # under the lock: ours
 
