@@ -57,6 +57,9 @@ MAX_CPUS = 64  # beyond this intel-iommu needs x2APIC EIM; TCG on 2 cores gains 
 #: `python -m pytest --version`, 256M does not get to the command).
 MIN_MEMORY = 512 << 20
 PREALLOC_CHOICES = ("auto", "on", "off")
+#: --prealloc auto leaves this much of what the host has available (QEMU's own memory, the
+#: host's other work) besides the guest's.
+PREALLOC_SPARE = 2 << 30
 MAX_NVME_SIZE = 1 << 40  # sparse files; the guest's writes fill them
 #: QEMU's THROTTLE_VALUE_MAX (include/qemu/throttle.h).
 MAX_IOPS = 1_000_000_000_000_000
@@ -215,7 +218,7 @@ def _prealloc_fits(guest: int) -> bool:
     after boot was the slowest of every boot without it (docs/test-vm.md).  Too little to
     spare: no preallocation, rather than pressing the host's other work."""
     available = _host_available()
-    return available is not None and guest + (2 << 30) <= available
+    return available is not None and guest + PREALLOC_SPARE <= available
 
 
 def _host_available() -> int | None:
@@ -745,7 +748,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=PREALLOC_CHOICES,
         help="commit the guest's memory when QEMU starts (faster first writes to each page); "
-        "auto (default): when this machine has it available and 2 GiB to spare",
+        f"auto (default): when this machine has it available and {PREALLOC_SPARE >> 30} GiB "
+        "to spare",
     )
     p.add_argument("--cpus", type=int_arg(1, MAX_CPUS), default=2)
     p.add_argument("--accel", default="tcg", choices=["tcg", "kvm"], help="default tcg")
