@@ -766,6 +766,20 @@ def test_perf_stops_at_its_count_mid_batch() -> None:
     assert json.loads(p.stdout)["ios"] == 40
 
 
+def test_the_benchmark_refuses_a_run_count_it_cannot_make() -> None:
+    for bad in (["--runs", "0"], ["--runs", "101"], ["--ios", "0"]):
+        p = subprocess.run(
+            [sys.executable, "-m", "uvdma_nvme.bench", *bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert p.returncode == 2 and p.stdout == "", bad  # refused before measuring
+        assert "--ios must be at least 1 and --runs 1..100" in p.stderr
+        assert "Traceback" not in p.stderr
+
+
 def test_the_benchmark_measures_every_row() -> None:
     """A smoke run of ``python -m uvdma_nvme.bench`` (figures are never asserted: only that
     each row is measured, and the floor's stand-in really completed its I/Os)."""
